@@ -1,0 +1,244 @@
+"""The attack interface: a stateless config whose final ``__call__`` validates, runs and audits.
+
+Subclasses set the class attributes ``norms``, ``targeting`` and ``knowledge`` (what they
+support), take their hyperparameters as keyword-only constructor arguments and implement
+``_run``. ``Attack.__call__`` then
+
+1. checks the threat model against what the attack supports and validates the inputs;
+2. resolves the targets of a targeted threat model (fixed, random from the generator, or the
+   least-likely class of the clean prediction);
+3. hands ``_run`` the model handle the attacker's knowledge allows (white-box logits, a
+   probability oracle or a label oracle, see :mod:`advbench.access`), with parameter gradients
+   off and the model in eval mode;
+4. audits the output (:mod:`advbench.audit`): success is recomputed from the model's own
+   predictions and examples outside the threat model count as failures, never as successes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, final
+
+import torch
+from torch import nn
+
+from advbench.access import Handle, WhiteBoxModel, handle_for
+from advbench.audit import audit
+from advbench.errors import ConfigError, ModelOutputError, QueryBudgetExceeded, UnsupportedThreatError
+from advbench.threat import Knowledge, Norm, Targeting, ThreatModel
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """What an attack produced, audited. All tensors have the batch as first dimension."""
+
+    x_adv: torch.Tensor
+    success: torch.Tensor  # bool: valid and the goal is met by the model's own prediction
+    valid: torch.Tensor  # bool: passed the threat-model audit
+    pred_clean: torch.Tensor
+    pred_adv: torch.Tensor  # the model's prediction on the example that counts
+    distances: torch.Tensor  # in the threat model's norm (0 for rejected examples' clean stand-in is not used)
+    target: torch.Tensor | None
+    n_forward: int
+    n_backward: int
+    n_queries: int
+    quantization_failures: int
+    attack: str
+    params: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+    budget_exhausted: bool = False
+
+    @property
+    def n_violations(self) -> int:
+        return int((~self.valid).sum())
+
+    @property
+    def success_rate(self) -> float:
+        return float(self.success.float().mean()) if self.success.numel() else 0.0
+
+
+def _describe(values: frozenset[Any]) -> str:
+    return ", ".join(sorted(v.value for v in values))
+
+
+class Attack(ABC):
+    """Base class of every attack. Hyperparameters are keyword-only constructor arguments."""
+
+    name: ClassVar[str] = "attack"
+    norms: ClassVar[frozenset[Norm]] = frozenset()
+    targeting: ClassVar[frozenset[Targeting]] = frozenset({Targeting.UNTARGETED})
+    knowledge: ClassVar[frozenset[Knowledge]] = frozenset({Knowledge.WHITE_BOX})
+
+    # ------------------------------------------------------------------ config
+    def params(self) -> dict[str, Any]:
+        """The constructor arguments, read back from attributes of the same name."""
+        sig = inspect.signature(type(self).__init__)
+        return {p: getattr(self, p) for p in sig.parameters if p != "self" and hasattr(self, p)}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
+
+    def supports(self, threat: ThreatModel) -> str | None:
+        """None when the attack can run under ``threat``, else the reason it cannot."""
+        if threat.norm not in self.norms:
+            return f"attack {self.name!r} does not support norm {threat.norm.value!r}; allowed: {_describe(self.norms)}"
+        if threat.targeting not in self.targeting:
+            return (
+                f"attack {self.name!r} does not support targeting {threat.targeting.value!r}; "
+                f"allowed: {_describe(self.targeting)}"
+            )
+        if threat.knowledge not in self.knowledge:
+            return (
+                f"attack {self.name!r} needs knowledge {_describe(self.knowledge)}, "
+                f"but the threat model grants {threat.knowledge.value!r}"
+            )
+        return None
+
+    def check_threat(self, threat: ThreatModel) -> None:
+        reason = self.supports(threat)
+        if reason:
+            raise UnsupportedThreatError(reason)
+
+    # ------------------------------------------------------------------ running
+    @final
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        threat: ThreatModel,
+        *,
+        target: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> AttackResult:
+        """Attack ``model`` at inputs ``x`` with labels ``y`` under ``threat``; see the module docstring."""
+        self.check_threat(threat)
+        _validate_inputs(x, y, threat)
+        with frozen(model):
+            clean_logits = _checked_logits(model, x)
+            pred_clean = clean_logits.argmax(dim=1)
+            if threat.targeting is Targeting.UNTARGETED:
+                if target is not None:
+                    raise ConfigError("a target was given for an untargeted threat model")
+            elif target is None:
+                target = threat.resolve_targets(clean_logits, y, generator)
+            elif target.shape != y.shape:
+                raise ConfigError(f"target must have shape {tuple(y.shape)}, got {tuple(target.shape)}")
+            handle = handle_for(model, threat, x.shape[0])
+            exhausted = False
+            try:
+                x_adv = self._run(handle, x, y, threat, target, generator)
+            except QueryBudgetExceeded:
+                x_adv, exhausted = x.clone(), True
+            if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
+                raise ModelOutputError(
+                    f"attack {self.name!r} returned {getattr(x_adv, 'shape', type(x_adv))}, expected shape {tuple(x.shape)}"
+                )
+            x_adv = x_adv.detach()
+            report = audit(model, x, x_adv, y, threat, target)
+        queries = int(handle.queries.sum()) if hasattr(handle, "queries") else 0
+        return AttackResult(
+            x_adv=x_adv,
+            success=report.success,
+            valid=report.valid,
+            pred_clean=pred_clean,
+            pred_adv=report.pred_adv,
+            distances=threat.distance(torch.nan_to_num(x_adv), x),
+            target=target,
+            n_forward=handle.n_forward,
+            n_backward=handle.n_backward,
+            n_queries=queries,
+            quantization_failures=int(report.quantization_failures.sum()),
+            attack=self.name,
+            params=self.params(),
+            seed=generator.initial_seed() if generator is not None else None,
+            budget_exhausted=exhausted,
+        )
+
+    @abstractmethod
+    def _run(
+        self,
+        model: Handle,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        threat: ThreatModel,
+        target: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """Return adversarial inputs, shape of ``x``. ``target`` is None for untargeted threats."""
+
+
+class GradientAttack(Attack):
+    """A white-box attack that follows the gradient of a loss on the logits."""
+
+    knowledge: ClassVar[frozenset[Knowledge]] = frozenset({Knowledge.WHITE_BOX})
+
+
+# ---------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no parameter gradients for the duration; the previous state is restored."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def _validate_inputs(x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ConfigError(f"inputs must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ConfigError(f"inputs must be a non-empty batch (N, ...), got shape {tuple(x.shape)}")
+    if not isinstance(y, torch.Tensor) or y.dtype not in (torch.int64, torch.int32) or y.shape != x.shape[:1]:
+        raise ConfigError(f"labels must be an integer tensor of shape ({x.shape[0]},), got {getattr(y, 'shape', y)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ConfigError("inputs contain NaN or infinite values")
+    lo, hi = threat.bounds
+    if bool((x < lo).any() or (x > hi).any()):
+        raise ConfigError(
+            f"inputs lie outside the threat model's bounds [{lo:g}, {hi:g}] "
+            f"(min {float(x.min()):g}, max {float(x.max()):g}); normalize inside the model"
+        )
+
+
+@torch.no_grad()
+def _checked_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+        raise ModelOutputError(
+            f"the model must return a batch of logits of shape (N, classes); got "
+            f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__} for N={x.shape[0]}"
+        )
+    if not bool(torch.isfinite(out).all()):
+        raise ModelOutputError("the model returned NaN or infinite logits")
+    return out
+
+
+def rand_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Uniform [0, 1) noise shaped like ``x``, drawn from ``generator`` on its own device."""
+    dev = generator.device if generator is not None else x.device
+    return torch.rand(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like ``x``, drawn from ``generator`` on its own device."""
+    dev = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
+
+
+def white_box(model: Handle) -> WhiteBoxModel:
+    if not isinstance(model, WhiteBoxModel):  # pragma: no cover - guarded by check_threat
+        raise UnsupportedThreatError("a gradient attack needs white-box access")
+    return model

@@ -1,0 +1,42 @@
+"""Exceptions advbench raises for bad input.
+
+Every error a user can cause derives from :class:`AdvbenchError`; the command line prints
+its message as one ``error: ...`` line and exits with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class AdvbenchError(Exception):
+    """Base class: a problem with the user's input, config, files or models."""
+
+
+class ConfigError(AdvbenchError, ValueError):
+    """A config value is missing, of the wrong type, or out of range."""
+
+
+class UnknownNameError(AdvbenchError, KeyError):
+    """A registry lookup found no entry of that name."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DuplicateNameError(AdvbenchError, ValueError):
+    """A second registration tried to take a name already in use."""
+
+
+class UnsupportedThreatError(AdvbenchError, ValueError):
+    """An attack was asked to run under a norm, targeting or knowledge it does not support."""
+
+
+class ModelOutputError(AdvbenchError, ValueError):
+    """A model returned something that is not a finite batch of logits."""
+
+
+class DataError(AdvbenchError, ValueError):
+    """A data set is missing, unreadable or malformed."""
+
+
+class QueryBudgetExceeded(AdvbenchError, RuntimeError):
+    """A score- or decision-based attack asked for more queries than its threat model allows."""

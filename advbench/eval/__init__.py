@@ -1,0 +1,1 @@
+"""Evaluation: the evaluator, its jobs and tables."""

@@ -1,0 +1,1 @@
+"""Models: the reference zoo and loaders for saved files, import paths, torchvision, timm, robustbench."""

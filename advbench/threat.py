@@ -1,0 +1,289 @@
+"""Threat-model descriptors: what an attacker may change, how much, and what it may see.
+
+A :class:`ThreatModel` is frozen, hashable and serializable (``to_dict``/``from_dict``). It
+projects onto its perturbation set, measures distances in its norm and tests membership
+with a tolerance of float32 rounding only. Inputs follow the PyTorch convention: a batch
+``x`` of shape ``(N, ...)`` (images NCHW) with values inside ``bounds``.
+
+Norm conventions (per example):
+
+- ``linf``: max absolute change of any element;
+- ``l2``, ``l1``: the vector norm over all elements;
+- ``l0``: the number of *pixels* changed, a pixel being all channels at one (h, w) position
+  for 4-D NCHW batches, and a single element for any other shape;
+- ``unbounded``: no budget (``eps`` is ``inf``), only the input bounds apply.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+import torch
+
+from advbench.errors import ConfigError
+
+FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
+
+
+class Norm(str, Enum):
+    LINF = "linf"
+    L2 = "l2"
+    L1 = "l1"
+    L0 = "l0"
+    UNBOUNDED = "unbounded"
+
+
+class Targeting(str, Enum):
+    UNTARGETED = "untargeted"
+    FIXED = "fixed"  # one class for every example (``target_class``)
+    RANDOM = "random"  # a class drawn uniformly among the wrong ones, per example
+    LEAST_LIKELY = "least_likely"  # argmin_y p(y | x) on the clean input
+
+
+class Knowledge(str, Enum):
+    WHITE_BOX = "white_box"  # logits and gradients
+    SCORE_BASED = "score_based"  # probabilities only, counted queries
+    DECISION_BASED = "decision_based"  # top-1 labels only, counted queries
+    TRANSFER = "transfer"  # no access to the target at all
+
+
+def _enum(cls: type[Enum], value: Any, what: str) -> Any:
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(str(value).lower().replace("-", "_"))
+    except ValueError:
+        allowed = ", ".join(m.value for m in cls)  # type: ignore[attr-defined]
+        raise ConfigError(f"unknown {what} {value!r}; allowed: {allowed}") from None
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1)
+
+
+def _pixel_magnitude(delta: torch.Tensor) -> torch.Tensor:
+    """Per-pixel change magnitude, shape (N, P): max over channels for NCHW, |.| otherwise."""
+    if delta.dim() == 4:
+        return delta.abs().amax(dim=1).reshape(delta.shape[0], -1)
+    return _flat(delta.abs())
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """The set of allowed adversarial inputs around each clean input, and the attacker's access.
+
+    ``eps`` is in input units (for bounds [0, 1], ``8/255`` is 8 grey levels); for ``l0`` it is
+    a whole number of pixels. ``query_budget`` counts model queries *per example* for score- and
+    decision-based attackers. ``quantize="8bit"`` makes the audit also require the example to stay
+    adversarial after rounding to 256 levels, as a saved image would be.
+    """
+
+    norm: Norm = Norm.LINF
+    eps: float = 8 / 255
+    bounds: tuple[float, float] = (0.0, 1.0)
+    targeting: Targeting = Targeting.UNTARGETED
+    target_class: int | None = None
+    knowledge: Knowledge = Knowledge.WHITE_BOX
+    query_budget: int | None = None
+    quantize: str | None = None
+    extra: tuple[tuple[str, Any], ...] = field(default=(), compare=True)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "norm", _enum(Norm, self.norm, "norm"))
+        set_(self, "targeting", _enum(Targeting, self.targeting, "targeting"))
+        set_(self, "knowledge", _enum(Knowledge, self.knowledge, "knowledge"))
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)):
+            raise ConfigError(f"eps must be a number, got {self.eps!r}")
+        eps = float(self.eps)
+        if self.norm is Norm.UNBOUNDED:
+            eps = math.inf
+        elif not (eps >= 0 and math.isfinite(eps)):
+            raise ConfigError(f"eps must be a finite number >= 0 for norm {self.norm.value}, got {self.eps!r}")
+        if self.norm is Norm.L0 and eps != int(eps):
+            raise ConfigError(f"eps for norm l0 is a whole number of pixels, got {self.eps!r}")
+        set_(self, "eps", eps)
+        try:
+            lo, hi = (float(b) for b in self.bounds)
+        except (TypeError, ValueError):
+            raise ConfigError(f"bounds must be two numbers [low, high], got {self.bounds!r}") from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ConfigError(f"bounds must be finite with low < high, got {self.bounds!r}")
+        if self.norm is Norm.LINF and eps > hi - lo:
+            raise ConfigError(f"eps {eps} exceeds the input range {hi - lo} for norm linf")
+        set_(self, "bounds", (lo, hi))
+        if self.targeting is Targeting.FIXED:
+            if self.target_class is None or isinstance(self.target_class, bool) or int(self.target_class) < 0:
+                raise ConfigError("targeting 'fixed' needs target_class, a class index >= 0")
+            set_(self, "target_class", int(self.target_class))
+        elif self.target_class is not None:
+            raise ConfigError(f"target_class is only allowed with targeting 'fixed', not {self.targeting.value!r}")
+        if self.query_budget is not None:
+            if isinstance(self.query_budget, bool) or int(self.query_budget) != self.query_budget or self.query_budget < 1:
+                raise ConfigError(f"query_budget must be a whole number >= 1, got {self.query_budget!r}")
+            set_(self, "query_budget", int(self.query_budget))
+        if self.quantize not in (None, "8bit"):
+            raise ConfigError(f"quantize must be '8bit' or absent, got {self.quantize!r}")
+        if isinstance(self.extra, dict):
+            set_(self, "extra", tuple(sorted(self.extra.items())))
+
+    # ------------------------------------------------------------------ serialization
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["norm"], d["targeting"], d["knowledge"] = self.norm.value, self.targeting.value, self.knowledge.value
+        d["bounds"] = list(self.bounds)
+        d["extra"] = dict(self.extra)
+        if self.norm is Norm.UNBOUNDED:
+            d["eps"] = None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ThreatModel:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown threat-model field(s) {sorted(unknown)}; allowed: {sorted(known)}")
+        d = dict(d)
+        if d.get("eps") is None and str(d.get("norm", "")).lower() == "unbounded":
+            d["eps"] = math.inf
+        if "bounds" in d:
+            d["bounds"] = tuple(d["bounds"])
+        if "extra" in d and isinstance(d["extra"], dict):
+            d["extra"] = tuple(sorted(d["extra"].items()))
+        return cls(**d)
+
+    def with_eps(self, eps: float) -> ThreatModel:
+        return replace(self, eps=eps)
+
+    def describe(self) -> str:
+        eps = "inf" if self.norm is Norm.UNBOUNDED else f"{self.eps:g}"
+        s = f"{self.norm.value} eps={eps} {self.targeting.value}"
+        if self.targeting is Targeting.FIXED:
+            s += f"({self.target_class})"
+        s += f" {self.knowledge.value}"
+        if self.query_budget:
+            s += f" budget={self.query_budget}"
+        return s
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def tolerance(self) -> float:
+        """Slack allowed in membership tests: float32 rounding of the values involved, nothing more."""
+        lo, hi = self.bounds
+        scale = max(abs(lo), abs(hi), 1.0)
+        if self.norm is Norm.LINF:
+            return 4 * FLOAT32_EPS * scale
+        if self.norm in (Norm.L2, Norm.L1):
+            return 1e-5 * max(self.eps, FLOAT32_EPS) + 4 * FLOAT32_EPS * scale
+        return 0.0
+
+    def distance(self, x_adv: torch.Tensor, x: torch.Tensor, norm: Norm | str | None = None) -> torch.Tensor:
+        """Per-example distance in this threat model's norm (or ``norm``), shape (N,), float32."""
+        norm = self.norm if norm is None else _enum(Norm, norm, "norm")
+        delta = (x_adv - x).float()
+        if norm in (Norm.LINF, Norm.UNBOUNDED):
+            return _flat(delta).abs().amax(dim=1)
+        if norm is Norm.L2:
+            return _flat(delta).norm(p=2, dim=1)
+        if norm is Norm.L1:
+            return _flat(delta).abs().sum(dim=1)
+        return (_pixel_magnitude(delta) > 0).sum(dim=1).float()
+
+    def clip(self, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.bounds
+        return x.clamp(lo, hi)
+
+    def in_bounds(self, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.bounds
+        return _flat((x >= lo) & (x <= hi)).all(dim=1)
+
+    def contains(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per-example membership: finite, inside the bounds and inside the eps-ball (bool, (N,))."""
+        finite = _flat(torch.isfinite(x_adv)).all(dim=1)
+        ok = finite & self.in_bounds(x_adv)
+        if self.norm is not Norm.UNBOUNDED:
+            d = self.distance(torch.nan_to_num(x_adv), x)
+            ok &= d <= self.eps + self.tolerance
+        return ok
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Euclidean projection of ``x_adv`` onto the eps-ball around ``x``, then into the bounds.
+
+        Clipping into the box after the ball projection only moves coordinates toward ``x`` (which
+        lies inside the box), so every norm of the perturbation can only fall: the result is in
+        both sets. (It is the exact projection onto the intersection for linf and l0.)
+        """
+        delta = x_adv - x
+        if self.norm is Norm.LINF:
+            delta = delta.clamp(-self.eps, self.eps)
+        elif self.norm is Norm.L2:
+            n = _flat(delta).norm(p=2, dim=1).clamp_min(1e-12)
+            factor = (self.eps / n).clamp(max=1.0).view(-1, *([1] * (delta.dim() - 1)))
+            delta = delta * factor
+        elif self.norm is Norm.L1:
+            delta = project_l1(delta, self.eps)
+        elif self.norm is Norm.L0:
+            delta = project_l0(delta, int(self.eps))
+        return self.clip(x + delta)
+
+    # ------------------------------------------------------------------ targets
+    def resolve_targets(
+        self, logits: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor | None:
+        """Target classes for a targeted threat model (None when untargeted).
+
+        ``random`` draws uniformly among the classes other than ``y`` from ``generator``;
+        ``least_likely`` is argmin of the clean logits (Kurakin et al.'s y_LL).
+        """
+        n, k = logits.shape
+        if self.targeting is Targeting.UNTARGETED:
+            return None
+        if self.targeting is Targeting.FIXED:
+            if self.target_class >= k:  # type: ignore[operator]
+                raise ConfigError(f"target_class {self.target_class} is out of range for a model with {k} classes")
+            return torch.full_like(y, int(self.target_class))  # type: ignore[arg-type]
+        if self.targeting is Targeting.LEAST_LIKELY:
+            return logits.argmin(dim=1)
+        offset = torch.randint(1, k, (n,), generator=generator, device="cpu").to(y.device)
+        return (y + offset) % k
+
+
+def project_l1(delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Exact Euclidean projection of each row onto the L1 ball (Duchi et al. 2008), batched."""
+    flat = _flat(delta)
+    abs_ = flat.abs()
+    inside = abs_.sum(dim=1) <= eps
+    if bool(inside.all()):
+        return delta
+    mu, _ = abs_.sort(dim=1, descending=True)
+    cumsum = mu.cumsum(dim=1)
+    idx = torch.arange(1, flat.shape[1] + 1, device=delta.device, dtype=flat.dtype)
+    cond = mu - (cumsum - eps) / idx > 0
+    rho = (cond * idx).argmax(dim=1, keepdim=True)  # last index where cond holds
+    theta = (cumsum.gather(1, rho) - eps) / (rho + 1).to(flat.dtype)
+    projected = flat.sign() * (abs_ - theta).clamp_min(0)
+    out = torch.where(inside.unsqueeze(1), flat, projected)
+    return out.view_as(delta)
+
+
+def project_l0(delta: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k pixels with the largest change per example (all channels of a pixel together)."""
+    mag = _pixel_magnitude(delta)
+    if k >= mag.shape[1]:
+        return delta
+    keep = torch.zeros_like(mag, dtype=torch.bool)
+    if k > 0:
+        keep.scatter_(1, mag.topk(k, dim=1).indices, True)
+    if delta.dim() == 4:
+        n, _, h, w = delta.shape
+        return delta * keep.view(n, 1, h, w)
+    return delta * keep.view_as(delta)
+
+
+def quantize_8bit(x: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+    """Round to 256 evenly spaced levels across ``bounds``, as saving an 8-bit image would."""
+    lo, hi = bounds
+    return torch.round((x - lo) / (hi - lo) * 255) / 255 * (hi - lo) + lo
