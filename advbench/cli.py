@@ -1,0 +1,141 @@
+"""The ``advbench`` command line.
+
+    advbench evaluate [CONFIG.yaml] [--out DIR] [--save-adversarial] [--device D]
+    advbench list attacks|defenses|models|datasets [PATTERN]
+    advbench config            # print the embedded default config
+
+Bad input of any kind prints one ``error: ...`` line and exits with code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one ``error:`` line with exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="advbench", description="Adversarial attack-and-defense benchmark for PyTorch classifiers.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    ev = sub.add_parser("evaluate", help="run (or resume) a benchmark config; no CONFIG runs the embedded default")
+    ev.add_argument("config", nargs="?", help="YAML config file (default: the embedded digits benchmark)")
+    ev.add_argument("--out", help="output folder (default: advbench-runs/<config hash>)")
+    ev.add_argument("--save-adversarial", action="store_true", help="also write x, x_adv, y and predictions per cell (.npz)")
+    ev.add_argument("--device", help="override the config's device: cpu, cuda, cuda:N, auto")
+    ev.add_argument("--seed", type=int, help="override the config's seed")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar and no table on stdout")
+
+    ls = sub.add_parser("list", help="list registered attacks, defenses, models or data sets")
+    ls.add_argument("kind", choices=["attacks", "defenses", "models", "datasets"])
+    ls.add_argument("pattern", nargs="?", default="*", help="glob pattern, e.g. 'pgd*'")
+
+    sub.add_parser("config", help="print the embedded default config (a starting point for your own)")
+    return p
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from advbench.config import load_config
+    from advbench.eval.evaluator import evaluate
+    from advbench.eval.tables import format_matrix
+
+    config = load_config(args.config)
+    overrides = {k: v for k, v in (("device", args.device), ("seed", args.seed)) if v is not None}
+    if overrides:
+        from advbench.config import parse_config
+
+        config = parse_config({**config.canonical(), **overrides})
+    out = Path(args.out) if args.out else Path("advbench-runs") / config.hash()
+    result = evaluate(
+        config,
+        out,
+        save_adversarial=args.save_adversarial,
+        progress=False if args.quiet else None,
+        config_source=str(args.config) if args.config else None,
+    )
+    if not args.quiet:
+        print(format_matrix(result.matrix))
+        print(
+            f"\n{len(result.table)} rows -> {out / 'results.csv'} "
+            f"({result.jobs_run} jobs run, {result.jobs_skipped} resumed from {out / 'results.sqlite'})"
+        )
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import advbench  # noqa: F401  (registers the built-ins)
+    from advbench.registry import REGISTRIES
+
+    reg = REGISTRIES[args.kind]
+    entries = reg.entries(args.pattern)
+    width = max((len(e.name) for e in entries), default=0)
+    for e in entries:
+        source = "" if e.source == "builtin" else f"  [{e.source}]"
+        print(f"{e.name:<{width}}  {e.description}{source}")
+    for name, err in reg.plugin_errors.items():
+        print(f"warning: plugin {name!r} failed to load: {err}", file=sys.stderr)
+    if not entries:
+        print(f"(no {args.kind} match {args.pattern!r})", file=sys.stderr)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from advbench.config import DEFAULT_CONFIG_YAML
+
+    print(DEFAULT_CONFIG_YAML, end="")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from advbench import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    handlers = {"evaluate": cmd_evaluate, "list": cmd_list, "config": cmd_config}
+    from advbench.errors import AdvbenchError
+
+    try:
+        return handlers[args.command](args)
+    except AdvbenchError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("error: interrupted; finished jobs are stored, rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001
+        if os.environ.get("ADVBENCH_DEBUG"):
+            raise
+        print(
+            f"error: internal error {type(exc).__name__}: {_one_line(exc)} "
+            "(a bug in advbench or a plugin; rerun with ADVBENCH_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

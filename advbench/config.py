@@ -1,0 +1,325 @@
+"""The typed benchmark config: YAML in, validated objects out, one-line errors for bad input.
+
+A config names the data, the models, the defenses, the threat models (each with one or more
+eps budgets) and the attacks. Validation happens before anything runs: unknown names, bad
+values and attacks that do not support a threat model's norm, targeting or knowledge are all
+reported as a :class:`~advbench.errors.ConfigError` naming the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from advbench.errors import AdvbenchError, ConfigError
+from advbench.threat import Norm, ThreatModel
+
+DEFAULT_CONFIG_YAML = """\
+# The embedded default: `advbench evaluate` with no argument runs this.
+seed: 0
+device: auto
+data: {name: digits, split: test}          # all 360 test digits (UCI 8x8, ships with scikit-learn)
+models: [digits-mlp, digits-cnn]            # reference models, trained on first use and cached
+defenses: [none]
+threats:
+  - {norm: linf, eps: [0.05, 0.1, 0.2]}
+attacks:
+  - fgsm
+  - bim
+  - illc
+  - {name: pgd, steps: 20, restarts: 2}
+"""
+
+_FRACTION = re.compile(r"^\s*[0-9]*\.?[0-9]+\s*/\s*[0-9]*\.?[0-9]+\s*$")
+
+
+def parse_number(value: Any, what: str) -> float:
+    """A float from a number or a fraction string such as ``"8/255"``."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what} must be a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        s = value.strip()
+        if _FRACTION.match(s):
+            num, den = (Fraction(p.strip()) for p in s.split("/"))
+            if den == 0:
+                raise ConfigError(f"{what} divides by zero: {value!r}")
+            return float(num / den)
+        try:
+            return float(s)
+        except ValueError:
+            pass
+    raise ConfigError(f"{what} must be a number or a fraction like '8/255', got {value!r}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class DataSpec(_Strict):
+    """Which examples to evaluate: a registered data set (``name``) or an ``.npz`` file (``path``)."""
+
+    name: str | None = None
+    path: str | None = None
+    split: str = "test"
+    n: int | None = Field(default=None, ge=1)
+    root: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        if (self.name is None) == (self.path is None):
+            raise ValueError("give exactly one of 'name' (a registered data set) or 'path' (an .npz file)")
+        return self
+
+
+MODEL_SOURCES = ("file", "import", "torchvision", "timm", "robustbench")
+
+
+class ModelSpec(_Strict):
+    """A model to evaluate. ``name`` labels it in the results; without a source key it is a registered model."""
+
+    name: str
+    file: str | None = None
+    import_: str | None = Field(default=None, alias="import")
+    torchvision: str | None = None
+    timm: str | None = None
+    robustbench: str | None = None
+    weights: str | None = None
+    num_classes: int | None = Field(default=None, ge=2)
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    dataset: str | None = None
+    threat_model: str | None = None
+    model_dir: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        given = [k for k in MODEL_SOURCES if getattr(self, "import_" if k == "import" else k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"model {self.name!r} names several sources {given}; give one of {list(MODEL_SOURCES)}")
+        return self
+
+    @property
+    def source(self) -> str:
+        for k in MODEL_SOURCES:
+            if getattr(self, "import_" if k == "import" else k) is not None:
+                return k
+        return "registry"
+
+
+class DefenseSpec(_Strict):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": value}
+        if isinstance(value, dict) and "name" in value and "params" not in value:
+            return {"name": value["name"], "params": {k: v for k, v in value.items() if k != "name"}}
+        return value
+
+
+class ThreatSpec(_Strict):
+    """A threat model with one or more eps budgets; it expands to one ThreatModel per eps."""
+
+    norm: str = "linf"
+    eps: list[float] | None = None
+    bounds: tuple[float, float] = (0.0, 1.0)
+    targeting: str = "untargeted"
+    target_class: int | None = None
+    knowledge: str = "white_box"
+    query_budget: int | None = None
+    quantize: str | None = None
+
+    @field_validator("eps", mode="before")
+    @classmethod
+    def _eps_list(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not values:
+            raise ValueError("eps must list at least one budget")
+        out = [parse_number(v, "eps") for v in values]
+        for v in out:
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"eps must be finite and >= 0, got {v}")
+        return out
+
+    def expand(self) -> list[ThreatModel]:
+        base = self.model_dump(exclude={"eps"})
+        if str(self.norm).lower() == "unbounded":
+            return [ThreatModel.from_dict({**base, "eps": math.inf})]
+        if self.eps is None:
+            raise ConfigError(f"threat with norm {self.norm!r} needs eps (a number or a list of numbers)")
+        return [ThreatModel.from_dict({**base, "eps": e}) for e in self.eps]
+
+
+class AttackSpec(_Strict):
+    """A registered attack and its hyperparameters; ``norms`` limits the threat norms it runs under."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    norms: tuple[str, ...] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flatten(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": value}
+        if isinstance(value, dict) and "params" not in value:
+            params = {k: v for k, v in value.items() if k not in ("name", "norms")}
+            out = {k: value[k] for k in ("name", "norms") if k in value}
+            return {**out, "params": params}
+        return value
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+
+class BenchmarkConfig(_Strict):
+    seed: int = 0
+    device: str = "auto"
+    data: DataSpec = Field(default_factory=lambda: DataSpec(name="digits"))
+    models: list[ModelSpec] = Field(min_length=1)
+    defenses: list[DefenseSpec] = Field(default_factory=lambda: [DefenseSpec(name="none")])
+    threats: list[ThreatSpec] = Field(min_length=1)
+    attacks: list[AttackSpec] = Field(min_length=1)
+    batch_size: int = Field(default=500, ge=1)
+    cascade: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", value):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> BenchmarkConfig:
+        for what, labels in (("model", [m.name for m in self.models]), ("defense", [d.name for d in self.defenses])):
+            dup = sorted({x for x in labels if labels.count(x) > 1})
+            if dup:
+                raise ValueError(f"{what} names must be unique; repeated: {dup}")
+        return self
+
+    # ------------------------------------------------------------------ derived
+    def threat_models(self) -> list[ThreatModel]:
+        out: list[ThreatModel] = []
+        for spec in self.threats:
+            for tm in spec.expand():
+                if tm not in out:
+                    out.append(tm)
+        return out
+
+    def canonical(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def hash(self) -> str:
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after", "function-before"))
+        msg = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        where = f"{loc}: " if loc else ""
+        extra = f" (got {got!r})" if err["type"] in ("extra_forbidden",) else ""
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{where}{msg}{extra}")
+    more = f" (+{len(exc.errors()) - 3} more)" if len(exc.errors()) > 3 else ""
+    return "invalid config: " + "; ".join(parts) + more
+
+
+def parse_config(raw: Any) -> BenchmarkConfig:
+    """Validate a parsed YAML/JSON mapping into a BenchmarkConfig (ConfigError on bad input)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of fields, got {type(raw).__name__}")
+    try:
+        config = BenchmarkConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+    except AdvbenchError:
+        raise
+    validate_names(config)
+    return config
+
+
+def load_config(path: str | Path | None = None) -> BenchmarkConfig:
+    """Read a YAML config file, or the embedded default when ``path`` is None."""
+    if path is None:
+        return parse_config(yaml.safe_load(DEFAULT_CONFIG_YAML))
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return parse_config(raw)
+
+
+def validate_names(config: BenchmarkConfig) -> None:
+    """Resolve every registry name and check each attack against each threat it will meet."""
+    from advbench.registry import ATTACKS, DATASETS, DEFENSES, MODELS
+
+    if config.data.name is not None:
+        DATASETS.get(config.data.name)
+    for m in config.models:
+        if m.source == "registry":
+            MODELS.get(m.name)
+    for d in config.defenses:
+        if d.name != "none":
+            DEFENSES.get(d.name)
+    threats = config.threat_models()
+    for spec in config.attacks:
+        attack = ATTACKS.create(spec.name, **spec.params)
+        wanted = set()
+        if spec.norms is not None:
+            for n in spec.norms:
+                try:
+                    wanted.add(Norm(n))
+                except ValueError:
+                    raise ConfigError(
+                        f"attack {spec.name!r}: unknown norm {n!r} in 'norms'; allowed: {', '.join(x.value for x in Norm)}"
+                    ) from None
+        for tm in threats:
+            if spec.norms is not None and tm.norm not in wanted:
+                continue
+            reason = attack.supports(tm)
+            if reason:
+                hint = " (list the norms it should run under with 'norms: [...]' in its entry)" if "norm" in reason else ""
+                raise ConfigError(f"{reason} (threat {tm.describe()}){hint}")
+
+
+def attack_threats(config: BenchmarkConfig, spec: AttackSpec) -> list[ThreatModel]:
+    """The threat models an attack entry runs under (all, or those whose norm it lists)."""
+    threats = config.threat_models()
+    if spec.norms is None:
+        return threats
+    return [t for t in threats if t.norm.value in spec.norms]
+

@@ -1,0 +1,60 @@
+"""Turn config specs (plain dicts, as carried by jobs) into data sets, models and defenses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from advbench.data.base import ImageData
+from advbench.errors import ConfigError
+from advbench.registry import DATASETS, DEFENSES, MODELS
+
+
+def load_data(spec: dict[str, Any]) -> ImageData:
+    """The full data set a DataSpec names (the evaluated subset is chosen by index later)."""
+    if spec.get("path") is not None:
+        from advbench.data.npz import load_npz
+
+        return load_npz(spec["path"])
+    params = dict(spec.get("params") or {})
+    if spec.get("root") is not None:
+        params["root"] = spec["root"]
+    return DATASETS.create(spec["name"], split=spec.get("split", "test"), **params)
+
+
+def load_model(spec: dict[str, Any]) -> nn.Module:
+    """A model from a ModelSpec dump: registry name, saved file, import path, torchvision, timm, robustbench."""
+    params = dict(spec.get("params") or {})
+    common = {k: spec[k] for k in ("weights", "num_classes") if spec.get(k) is not None}
+    norm = {k: tuple(spec[k]) for k in ("mean", "std") if spec.get(k) is not None}
+    if any(spec.get(k) is not None for k in ("file", "import", "torchvision", "timm", "robustbench")):
+        from advbench.models import loaders
+    if spec.get("file") is not None:
+        model = loaders.load_model_file(spec["file"])
+    elif spec.get("import") is not None:
+        model = loaders.load_import_path(spec["import"], **params)
+    elif spec.get("torchvision") is not None:
+        model = loaders.load_torchvision(spec["torchvision"], **common, **norm, **params)
+    elif spec.get("timm") is not None:
+        model = loaders.load_timm(spec["timm"], **common, **norm, **params)
+    elif spec.get("robustbench") is not None:
+        rb = {k: spec[k] for k in ("dataset", "threat_model", "model_dir") if spec.get(k) is not None}
+        model = loaders.load_robustbench(spec["robustbench"], **rb)
+    else:
+        model = MODELS.create(spec["name"], **params)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model {spec['name']!r} did not load as a torch.nn.Module (got {type(model).__name__})")
+    return model
+
+
+def apply_defense(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    """Wrap ``model`` with a registered inference-time defense; ``none`` leaves it as it is."""
+    if spec["name"] == "none":
+        return model
+    defense = DEFENSES.create(spec["name"], **(spec.get("params") or {}))
+    if hasattr(defense, "apply"):
+        return defense.apply(model)
+    if callable(defense):
+        return defense(model)
+    raise ConfigError(f"defense {spec['name']!r} neither has apply(model) nor is callable")

@@ -1,0 +1,206 @@
+"""The results store: per-example records in an embedded SQLite database.
+
+Records are keyed by ``(config_hash, job_key)``. A job's records, its summary row and (when
+asked) its adversarial examples are written in ONE transaction, so a process killed at any
+moment (``kill -9`` included) leaves either the whole job or none of it; a rerun skips the
+finished jobs and redoes the rest. Primary keys make a doubled row impossible.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    config_hash TEXT PRIMARY KEY,
+    config_json TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    config_hash TEXT NOT NULL,
+    job_key TEXT NOT NULL,
+    model TEXT NOT NULL,
+    defense TEXT NOT NULL,
+    threat_json TEXT NOT NULL,
+    attack TEXT NOT NULL,
+    attack_params_json TEXT NOT NULL,
+    shard INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    n_attacked INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    n_forward INTEGER NOT NULL,
+    n_backward INTEGER NOT NULL,
+    n_queries INTEGER NOT NULL,
+    violations INTEGER NOT NULL,
+    quantization_failures INTEGER NOT NULL,
+    seed INTEGER NOT NULL,
+    finished REAL NOT NULL,
+    PRIMARY KEY (config_hash, job_key)
+);
+CREATE TABLE IF NOT EXISTS examples (
+    config_hash TEXT NOT NULL,
+    job_key TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    label INTEGER NOT NULL,
+    pred_clean INTEGER NOT NULL,
+    pred_adv INTEGER NOT NULL,
+    target INTEGER,
+    attacked INTEGER NOT NULL,
+    valid INTEGER NOT NULL,
+    success INTEGER NOT NULL,
+    distance REAL,
+    PRIMARY KEY (config_hash, job_key, idx)
+);
+CREATE TABLE IF NOT EXISTS adversarial (
+    config_hash TEXT NOT NULL,
+    job_key TEXT NOT NULL,
+    npz BLOB NOT NULL,
+    PRIMARY KEY (config_hash, job_key)
+);
+"""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """Everything one finished job stores; ``examples`` holds one dict per example of the shard."""
+
+    job_key: str
+    model: str
+    defense: str
+    threat: dict[str, Any]
+    attack: str
+    attack_params: dict[str, Any]
+    shard: int
+    seconds: float
+    n_forward: int
+    n_backward: int
+    n_queries: int
+    violations: int
+    quantization_failures: int
+    seed: int
+    examples: list[dict[str, Any]]
+    adversarial: dict[str, np.ndarray] | None = None
+
+
+class ResultStore:
+    """SQLite-backed, append-only store of finished jobs."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ runs
+    def register_run(self, config_hash: str, config: dict[str, Any]) -> None:
+        self._conn.execute(
+            "INSERT OR IGNORE INTO runs(config_hash, config_json, created) VALUES (?, ?, ?)",
+            (config_hash, json.dumps(config, sort_keys=True), time.time()),
+        )
+
+    # ------------------------------------------------------------------ jobs
+    def finished_keys(self, config_hash: str) -> set[str]:
+        rows = self._conn.execute("SELECT job_key FROM jobs WHERE config_hash = ?", (config_hash,))
+        return {r[0] for r in rows}
+
+    def has_adversarial(self, config_hash: str, job_key: str) -> bool:
+        row = self._conn.execute(
+            "SELECT 1 FROM adversarial WHERE config_hash = ? AND job_key = ?", (config_hash, job_key)
+        ).fetchone()
+        return row is not None
+
+    def write_job(self, config_hash: str, rec: JobRecord) -> None:
+        """Write a job atomically; a job already stored is replaced whole (never doubled)."""
+        cur = self._conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            for table in ("jobs", "examples", "adversarial"):
+                cur.execute(f"DELETE FROM {table} WHERE config_hash = ? AND job_key = ?", (config_hash, rec.job_key))
+            n_attacked = sum(int(e["attacked"]) for e in rec.examples)
+            cur.execute(
+                "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    config_hash, rec.job_key, rec.model, rec.defense, json.dumps(rec.threat, sort_keys=True),
+                    rec.attack, json.dumps(rec.attack_params, sort_keys=True, default=str), rec.shard,
+                    len(rec.examples), n_attacked, rec.seconds, rec.n_forward, rec.n_backward, rec.n_queries,
+                    rec.violations, rec.quantization_failures, rec.seed, time.time(),
+                ),
+            )
+            cur.executemany(
+                "INSERT INTO examples VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        config_hash, rec.job_key, e["idx"], e["label"], e["pred_clean"], e["pred_adv"], e.get("target"),
+                        int(e["attacked"]), int(e["valid"]), int(e["success"]), e.get("distance"),
+                    )
+                    for e in rec.examples
+                ],
+            )
+            if rec.adversarial is not None:
+                buf = io.BytesIO()
+                np.savez_compressed(buf, **rec.adversarial)
+                cur.execute("INSERT INTO adversarial VALUES (?,?,?)", (config_hash, rec.job_key, buf.getvalue()))
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+
+    # ------------------------------------------------------------------ reading
+    def jobs(self, config_hash: str) -> pd.DataFrame:
+        return pd.read_sql_query(
+            "SELECT * FROM jobs WHERE config_hash = ? ORDER BY job_key", self._conn, params=(config_hash,)
+        )
+
+    def examples(self, config_hash: str, job_keys: Iterable[str] | None = None) -> pd.DataFrame:
+        df = pd.read_sql_query(
+            "SELECT e.*, j.model, j.defense, j.threat_json, j.attack, j.shard FROM examples e "
+            "JOIN jobs j ON e.config_hash = j.config_hash AND e.job_key = j.job_key "
+            "WHERE e.config_hash = ? ORDER BY j.model, j.defense, j.threat_json, j.attack, e.idx",
+            self._conn,
+            params=(config_hash,),
+        )
+        if job_keys is not None:
+            df = df[df.job_key.isin(set(job_keys))]
+        return df
+
+    def adversarial(self, config_hash: str, job_key: str) -> dict[str, np.ndarray] | None:
+        row = self._conn.execute(
+            "SELECT npz FROM adversarial WHERE config_hash = ? AND job_key = ?", (config_hash, job_key)
+        ).fetchone()
+        if row is None:
+            return None
+        with np.load(io.BytesIO(row[0])) as z:
+            return {k: z[k] for k in z.files}
+
+    def robust_mask(self, config_hash: str, job_keys: Iterable[str]) -> dict[int, bool]:
+        """Per example index: False once any of the given jobs broke it (for cascaded attacks)."""
+        keys = list(job_keys)
+        if not keys:
+            return {}
+        marks = ",".join("?" * len(keys))
+        rows = self._conn.execute(
+            f"SELECT idx, MAX(success) FROM examples WHERE config_hash = ? AND job_key IN ({marks}) GROUP BY idx",
+            (config_hash, *keys),
+        )
+        return {int(i): not bool(s) for i, s in rows}
