@@ -1,0 +1,96 @@
+"""Config parsing and validation: good configs expand correctly, bad ones fail with one clear line."""
+
+from __future__ import annotations
+
+import pytest
+
+from advbench.config import load_config, parse_config
+from advbench.errors import AdvbenchError, ConfigError
+
+
+def _cfg(**over):
+    base = {"models": ["digits-mlp"], "threats": [{"norm": "linf", "eps": [0.1]}], "attacks": ["fgsm"]}
+    base.update(over)
+    return base
+
+
+def test_embedded_default_is_valid():
+    c = load_config(None)
+    assert [m.name for m in c.models] == ["digits-mlp", "digits-cnn"]
+    assert [t.eps for t in c.threat_models()] == [0.05, 0.1, 0.2]
+    assert [a.name for a in c.attacks] == ["fgsm", "bim", "illc", "pgd"]
+
+
+def test_issue_example_form(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        """
+seed: 0
+device: auto
+data: {name: digits, split: test, n: 300}
+models:
+  - digits-cnn
+  - {name: mine, file: path/to/model.pt2}
+threats:
+  - {norm: linf, eps: [0.05, 0.1, 0.2]}
+attacks:
+  - fgsm
+  - {name: pgd, steps: 40, step_size: 0.01, restarts: 1}
+"""
+    )
+    c = load_config(p)
+    assert c.models[1].source == "file" and c.models[0].source == "registry"
+    assert c.attacks[1].params == {"steps": 40, "step_size": 0.01, "restarts": 1}
+    assert c.data.n == 300
+
+
+def test_fraction_eps_and_hash_stability():
+    a = parse_config(_cfg(threats=[{"norm": "linf", "eps": ["8/255", 0.1]}]))
+    assert a.threat_models()[0].eps == pytest.approx(8 / 255)
+    assert a.hash() == parse_config(_cfg(threats=[{"norm": "linf", "eps": ["8/255", 0.1]}])).hash()
+    assert a.hash() != parse_config(_cfg(threats=[{"norm": "linf", "eps": ["8/255", 0.2]}])).hash()
+
+
+@pytest.mark.parametrize(
+    "over, fragment",
+    [
+        ({"attacks": ["fgsmm"]}, "unknown attack 'fgsmm'; did you mean 'fgsm'"),
+        ({"models": ["digits-mpl"]}, "unknown model 'digits-mpl'; did you mean"),
+        ({"threats": [{"norm": "linf", "eps": [-1]}]}, "eps must be finite and >= 0"),
+        ({"threats": [{"norm": "linf", "eps": ["abc"]}]}, "eps must be a number or a fraction"),
+        ({"threats": [{"norm": "l7", "eps": [1]}]}, "unknown norm 'l7'; allowed"),
+        ({"threats": [{"norm": "l2", "eps": [1.0]}], "attacks": ["bim"]}, "does not support norm 'l2'; allowed: linf"),
+        ({"attacks": [{"name": "pgd", "stepz": 3}]}, "unknown parameter(s) stepz; allowed"),
+        ({"device": "tpu"}, "device must be auto, cpu"),
+        ({"colour": "red"}, "colour: unknown field"),
+        ({"models": []}, "models: List should have at least 1 item"),
+        ({"data": {"name": "digits", "path": "x.npz"}}, "exactly one of 'name'"),
+        ({"data": {"name": "digits", "n": 0}}, "data.n: Input should be greater than or equal to 1"),
+        ({"defenses": ["jpegg"]}, "unknown defense 'jpegg'"),
+    ],
+)
+def test_bad_configs_give_one_line_errors(over, fragment):
+    with pytest.raises(AdvbenchError) as err:
+        parse_config(_cfg(**over))
+    msg = str(err.value)
+    assert fragment in msg, msg
+    assert "\n" not in msg
+
+
+def test_attack_norms_filter_allows_mixed_threats():
+    c = parse_config(
+        _cfg(
+            threats=[{"norm": "linf", "eps": [0.1]}, {"norm": "l2", "eps": [0.5]}],
+            attacks=[{"name": "bim", "norms": ["linf"]}, "pgd"],
+        )
+    )
+    assert len(c.threat_models()) == 2
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [a\nthreats: {")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(bad)
