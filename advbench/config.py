@@ -205,6 +205,7 @@ class BenchmarkConfig(_Strict):
     attacks: list[AttackSpec] = Field(min_length=1)
     batch_size: int = Field(default=500, ge=1)
     cascade: bool = False
+    amp: bool = False  # mixed precision (bfloat16 autocast) on a GPU; ignored on CPU
 
     @field_validator("device")
     @classmethod

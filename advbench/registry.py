@@ -138,6 +138,8 @@ class Registry(Generic[T]):
         if self._plugins_loaded:
             return
         self._plugins_loaded = True
+        import advbench  # noqa: F401  (importing the package registers the built-ins first)
+
         if autoload_disabled():
             return
         self.load_plugins()

@@ -92,7 +92,7 @@ def evaluate(
             j for j in jobs
             if j.key not in finished or (save_adversarial and not store.has_adversarial(config_hash, j.key))
         ]
-        worker = Worker(device, robust_lookup=lambda keys: store.robust_mask(config_hash, keys))
+        worker = Worker(device, robust_lookup=lambda keys: store.robust_mask(config_hash, keys), amp=config.amp)
         worker._data[_data_key(config)] = (data, data.x.to(device), data.y.to(device))
         show = sys.stderr.isatty() if progress is None else progress
         bar = tqdm(total=len(todo), disable=not show, desc="advbench", unit="job", dynamic_ncols=True)

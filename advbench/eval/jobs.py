@@ -73,8 +73,14 @@ class Job:
 class Worker:
     """Runs jobs; keeps data, models and clean predictions loaded between them."""
 
-    def __init__(self, device: torch.device, robust_lookup: Callable[[tuple[str, ...]], dict[int, bool]] | None = None):
+    def __init__(
+        self,
+        device: torch.device,
+        robust_lookup: Callable[[tuple[str, ...]], dict[int, bool]] | None = None,
+        amp: bool = False,
+    ) -> None:
         self.device = device
+        self.amp = amp and device.type == "cuda"
         self.robust_lookup = robust_lookup
         self._data: dict[str, Any] = {}
         self._models: dict[str, nn.Module] = {}
@@ -96,6 +102,10 @@ class Worker:
         key = stable_hash([model_spec, defense_spec])
         if key not in self._models:
             model = apply_defense(load_model(model_spec), defense_spec).to(self.device).eval()
+            if self.amp:
+                from advbench.eval.resolve import Autocast
+
+                model = Autocast(model, self.device.type)
             self._models[key] = model
         return self._models[key]
 

@@ -58,3 +58,23 @@ def apply_defense(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
     if callable(defense):
         return defense(model)
     raise ConfigError(f"defense {spec['name']!r} neither has apply(model) nor is callable")
+
+
+class Autocast(nn.Module):
+    """Runs the wrapped model under ``torch.autocast`` (bfloat16) and returns float32 logits.
+
+    Used for ``amp: true`` on a GPU: the attack, the audit and the clean pass all see the same
+    mixed-precision model, so the reported numbers are about the model that was attacked.
+    """
+
+    def __init__(self, model: nn.Module, device_type: str) -> None:
+        super().__init__()
+        self.model = model
+        self.device_type = device_type
+
+    def forward(self, x):  # type: ignore[override]
+        import torch
+
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            out = self.model(x)
+        return out.float()
