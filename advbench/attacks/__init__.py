@@ -1,5 +1,9 @@
 """Attacks: one module per family; importing this package registers the built-in ones."""
 
+from advbench.attacks import bim, fgsm, pgd  # noqa: F401  (register the built-ins)
 from advbench.attacks.base import Attack, AttackResult, GradientAttack
+from advbench.attacks.bim import BIM, ILLC
+from advbench.attacks.fgsm import FGSM
+from advbench.attacks.pgd import PGD
 
-__all__ = ["Attack", "AttackResult", "GradientAttack"]
+__all__ = ["BIM", "FGSM", "ILLC", "PGD", "Attack", "AttackResult", "GradientAttack"]

@@ -183,7 +183,7 @@ class GradientAttack(Attack):
 @contextlib.contextmanager
 def frozen(model: nn.Module) -> Iterator[None]:
     """Eval mode and no parameter gradients for the duration; the previous state is restored."""
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # per module: a wrapper may mix modes
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
     for p, _ in flags:
@@ -193,7 +193,8 @@ def frozen(model: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
 
 
 def _validate_inputs(x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> None:
