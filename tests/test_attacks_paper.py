@@ -31,7 +31,7 @@ class Recorder(nn.Module):
         super().__init__()
         self.model = model
         self.calls: list[tuple[torch.Tensor, bool]] = []
-        self.eval()  # the base class restores the wrapper's mode recursively, into the shared fixture too
+        self.eval()  # like the model it wraps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls.append((x.detach().clone(), x.requires_grad))
