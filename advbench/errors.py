@@ -39,4 +39,12 @@ class DataError(AdvbenchError, ValueError):
 
 
 class QueryBudgetExceeded(AdvbenchError, RuntimeError):
-    """A score- or decision-based attack asked for more queries than its threat model allows."""
+    """A score- or decision-based attack asked for more queries than its threat model allows.
+
+    An attack that catches it may re-raise it with ``best`` set to its best inputs so far; the
+    attack base class then audits and keeps those instead of discarding the attack's progress.
+    """
+
+    def __init__(self, message: str, best: object = None) -> None:
+        super().__init__(message)
+        self.best = best

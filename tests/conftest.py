@@ -10,6 +10,10 @@ from torch import nn
 
 os.environ.setdefault("ADVBENCH_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "advbench"))
 
+# One intra-op thread: the models here are tiny, and on a shared 2-core machine two OpenMP
+# threads per process slow them 5-8x while other work runs (and results stay bit-identical).
+torch.set_num_threads(1)
+
 SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 

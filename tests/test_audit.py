@@ -276,3 +276,29 @@ def test_oracle_never_runs_a_query_past_the_budget():
     with pytest.raises(QueryBudgetExceeded):
         oracle(x)  # examples 0 and 1 are spent
     assert oracle.queries.tolist() == [2, 2, 1] and oracle.n_forward == 2
+
+
+class KeepsBest(ScoreProbe):
+    """Catches the budget stop and hands its best candidate so far to the base class."""
+
+    def _run(self, model, x, y, threat, target, generator):
+        from advbench.errors import QueryBudgetExceeded
+
+        best = x.clone()
+        try:
+            while True:
+                cand = threat.project(x + threat.eps * torch.ones_like(x), x)
+                model(cand)
+                best = cand
+        except QueryBudgetExceeded as stop:
+            raise QueryBudgetExceeded(str(stop), best=best) from None
+
+
+def test_budget_stop_keeps_the_best_found_so_far_and_audits_it(register, digits_mlp, digits_test):
+    attack = register("test-keeps-best", KeepsBest)
+    x, y = digits_test.x[:10], digits_test.y[:10]
+    res = attack(digits_mlp, x, y, ThreatModel(eps=0.1, knowledge="score_based", query_budget=5))
+    assert res.budget_exhausted and res.n_queries == 5 * 10
+    assert torch.equal(res.x_adv, (x + 0.1).clamp(0, 1))
+    assert bool(res.valid.all())
+    assert torch.equal(res.success, digits_mlp(res.x_adv).argmax(1) != y)

@@ -41,7 +41,7 @@ class AttackResult:
     valid: torch.Tensor  # bool: passed the threat-model audit
     pred_clean: torch.Tensor
     pred_adv: torch.Tensor  # the model's prediction on the example that counts
-    distances: torch.Tensor  # in the threat model's norm (0 for rejected examples' clean stand-in is not used)
+    distances: torch.Tensor  # in the threat model's norm; NaN where x_adv is not finite
     target: torch.Tensor | None
     n_forward: int
     n_backward: int
@@ -69,6 +69,8 @@ class Attack(ABC):
     """Base class of every attack. Hyperparameters are keyword-only constructor arguments."""
 
     name: ClassVar[str] = "attack"
+    #: whether the output depends on the generator (beyond randomly drawn targets); None: unknown
+    randomized: ClassVar[bool | None] = None
     norms: ClassVar[frozenset[Norm]] = frozenset()
     targeting: ClassVar[frozenset[Targeting]] = frozenset({Targeting.UNTARGETED})
     knowledge: ClassVar[frozenset[Knowledge]] = frozenset({Knowledge.WHITE_BOX})
@@ -132,9 +134,13 @@ class Attack(ABC):
             handle = handle_for(model, threat, x.shape[0])
             exhausted = False
             try:
-                x_adv = self._run(handle, x, y, threat, target, generator)
-            except QueryBudgetExceeded:
-                x_adv, exhausted = x.clone(), True
+                with torch.enable_grad():
+                    x_adv = self._run(handle, x, y, threat, target, generator)
+            except QueryBudgetExceeded as stop:
+                # keep what the attack found within the budget (it is audited like any output)
+                best = stop.best
+                x_adv = best if isinstance(best, torch.Tensor) and best.shape == x.shape else x.clone()
+                exhausted = True
             if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
                 raise ModelOutputError(
                     f"attack {self.name!r} returned {getattr(x_adv, 'shape', type(x_adv))}, expected shape {tuple(x.shape)}"
@@ -148,7 +154,7 @@ class Attack(ABC):
             valid=report.valid,
             pred_clean=pred_clean,
             pred_adv=report.pred_adv,
-            distances=threat.distance(torch.nan_to_num(x_adv), x),
+            distances=_distances(x_adv, x, threat),
             target=target,
             n_forward=handle.n_forward,
             n_backward=handle.n_backward,
@@ -225,6 +231,12 @@ def _checked_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(out).all()):
         raise ModelOutputError("the model returned NaN or infinite logits")
     return out
+
+
+def _distances(x_adv: torch.Tensor, x: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
+    d = threat.distance(torch.nan_to_num(x_adv), x)
+    finite = x_adv.reshape(x_adv.shape[0], -1).isfinite().all(dim=1)
+    return torch.where(finite, d, torch.full_like(d, float("nan")))
 
 
 def rand_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
