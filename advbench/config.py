@@ -173,11 +173,16 @@ class ThreatSpec(_Strict):
 
 
 class AttackSpec(_Strict):
-    """A registered attack and its hyperparameters; ``norms`` limits the threat norms it runs under."""
+    """A registered attack and its hyperparameters; ``norms`` limits the threat norms it runs under.
+
+    ``label`` names the attack in the results; by default its registry name, or, when the same
+    attack appears several times, the name with its parameters (``pgd(loss=margin)``).
+    """
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
     norms: tuple[str, ...] | None = None
+    label: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -185,14 +190,11 @@ class AttackSpec(_Strict):
         if isinstance(value, str):
             return {"name": value}
         if isinstance(value, dict) and "params" not in value:
-            params = {k: v for k, v in value.items() if k not in ("name", "norms")}
-            out = {k: value[k] for k in ("name", "norms") if k in value}
+            meta = ("name", "norms", "label")
+            params = {k: v for k, v in value.items() if k not in meta}
+            out = {k: value[k] for k in meta if k in value}
             return {**out, "params": params}
         return value
-
-    @property
-    def label(self) -> str:
-        return self.name
 
 
 class BenchmarkConfig(_Strict):
@@ -216,11 +218,30 @@ class BenchmarkConfig(_Strict):
 
     @model_validator(mode="after")
     def _unique_labels(self) -> BenchmarkConfig:
-        for what, labels in (("model", [m.name for m in self.models]), ("defense", [d.name for d in self.defenses])):
+        for what, labels in (
+            ("model", [m.name for m in self.models]),
+            ("defense", [d.name for d in self.defenses]),
+            ("attack", self.attack_labels()),
+        ):
             dup = sorted({x for x in labels if labels.count(x) > 1})
             if dup:
-                raise ValueError(f"{what} names must be unique; repeated: {dup}")
+                hint = " (give the entries distinct 'label's)" if what == "attack" else ""
+                raise ValueError(f"{what} names must be unique; repeated: {dup}{hint}")
         return self
+
+    def attack_labels(self) -> list[str]:
+        """Result labels of the attack entries, in config order (see :class:`AttackSpec`)."""
+        names = [a.name for a in self.attacks]
+        labels = []
+        for a in self.attacks:
+            if a.label is not None:
+                labels.append(a.label)
+            elif names.count(a.name) == 1:
+                labels.append(a.name)
+            else:
+                inner = ",".join(f"{k}={v}" for k, v in sorted(a.params.items()))
+                labels.append(f"{a.name}({inner})" if inner else a.name)
+        return labels
 
     # ------------------------------------------------------------------ derived
     def threat_models(self) -> list[ThreatModel]:

@@ -194,13 +194,15 @@ class ResultStore:
             return {k: z[k] for k in z.files}
 
     def robust_mask(self, config_hash: str, job_keys: Iterable[str]) -> dict[int, bool]:
-        """Per example index: False once any of the given jobs broke it (for cascaded attacks)."""
+        """Per example index: False once any of the given jobs broke it (for cascaded attacks):
+        a success, or an audited example the model misclassifies."""
         keys = list(job_keys)
         if not keys:
             return {}
         marks = ",".join("?" * len(keys))
         rows = self._conn.execute(
-            f"SELECT idx, MAX(success) FROM examples WHERE config_hash = ? AND job_key IN ({marks}) GROUP BY idx",
+            f"SELECT idx, MAX(success OR (valid AND pred_adv != label)) FROM examples "
+            f"WHERE config_hash = ? AND job_key IN ({marks}) GROUP BY idx",
             (config_hash, *keys),
         )
         return {int(i): not bool(s) for i, s in rows}

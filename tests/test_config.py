@@ -94,3 +94,12 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("models: [a\nthreats: {")
     with pytest.raises(ConfigError, match="not valid YAML at line"):
         load_config(bad)
+
+
+def test_same_attack_twice_gets_distinct_labels():
+    c = parse_config(_cfg(attacks=[{"name": "pgd", "steps": 5}, {"name": "pgd", "steps": 5, "loss": "margin"}, "fgsm"]))
+    assert c.attack_labels() == ["pgd(steps=5)", "pgd(loss=margin,steps=5)", "fgsm"]
+    c = parse_config(_cfg(attacks=[{"name": "pgd", "label": "pgd-ce"}, {"name": "pgd", "loss": "margin", "label": "pgd-cw"}]))
+    assert c.attack_labels() == ["pgd-ce", "pgd-cw"]
+    with pytest.raises(ConfigError, match="attack names must be unique.*distinct 'label'"):
+        parse_config(_cfg(attacks=["pgd", "pgd"]))

@@ -180,3 +180,24 @@ def test_kill_dash_nine_then_resume_gives_the_uninterrupted_table(tmp_path):
     assert con.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == total
     assert con.execute("SELECT COUNT(*) FROM examples").fetchone()[0] == 240 * 3 * 2
     assert con.execute("SELECT SUM(n) FROM jobs").fetchone()[0] == 240 * 3 * 2
+
+
+def test_targeted_threat_robust_accuracy_counts_every_misclassification(tmp_path):
+    """Targeted: success = target reached; robust accuracy = still correctly classified."""
+    cfg = _config(threats=[{"norm": "linf", "eps": [0.1], "targeting": "random"}],
+                  attacks=[{"name": "pgd", "steps": 5, "step_size": 0.05}])
+    res = evaluate(cfg, tmp_path, progress=False)
+    row = res.table.iloc[0]
+    con = sqlite3.connect(tmp_path / "results.sqlite")
+    ex = pd.read_sql_query("SELECT * FROM examples", con)
+    correct = ex.pred_clean == ex.label
+    hit = ex.success == 1
+    still_correct = correct & ((ex.valid == 0) | (ex.pred_adv == ex.label)) & ~hit
+    assert row.robust_accuracy == pytest.approx(still_correct.mean())
+    assert row.attack_success_rate == pytest.approx((hit & correct).sum() / correct.sum())
+    assert bool((ex.target[hit] == ex.pred_adv[hit]).all())
+    # short targeted runs leave some examples misclassified but not at their target
+    missed_target = correct & ~hit & (ex.pred_adv != ex.label)
+    assert missed_target.any()
+    # so robust accuracy is strictly below what counting target hits alone would report
+    assert row.robust_accuracy < row.clean_accuracy * (1 - row.attack_success_rate) - 1e-9

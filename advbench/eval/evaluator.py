@@ -53,10 +53,10 @@ def plan_jobs(config: BenchmarkConfig, indices: np.ndarray, save_adversarial: bo
             for threat in config.threat_models():
                 tdict = threat.to_dict()
                 earlier: dict[int, list[str]] = {}
-                for attack in config.attacks:
+                for attack, label in zip(config.attacks, config.attack_labels()):
                     if threat not in attack_threats(config, attack):
                         continue
-                    aspec = {"name": attack.name, "params": attack.params}
+                    aspec = {"name": attack.name, "params": attack.params, "label": label}
                     for s, shard in enumerate(shards):
                         after = tuple(earlier.get(s, [])) if config.cascade else ()
                         job = Job(data, mspec, dspec, tdict, aspec, s, shard, config.seed, after, save_adversarial)
@@ -99,7 +99,7 @@ def evaluate(
         try:
             for job, record in InProcessExecutor(worker).map(todo):
                 store.write_job(config_hash, record)
-                bar.set_postfix_str(f"{job.model['name']} {job.attack['name']} {job.threat['norm']}={job.threat['eps']}")
+                bar.set_postfix_str(f"{job.model['name']} {job.attack['label']} {job.threat['norm']}={job.threat['eps']}")
                 bar.update(1)
         finally:
             bar.close()
@@ -133,10 +133,10 @@ def build_tables(store: ResultStore, config: BenchmarkConfig) -> tuple[pd.DataFr
     order = {
         "models": [m.name for m in config.models],
         "defenses": [d.name for d in config.defenses],
-        "attacks": [a.name for a in config.attacks],
+        "attacks": config.attack_labels(),
     }
     table = robust_accuracy_table(store.examples(config_hash), store.jobs(config_hash), order, cascade=config.cascade)
-    return table, robust_accuracy_matrix(table)
+    return table, robust_accuracy_matrix(table, order["attacks"])
 
 
 def write_outputs(out: Path, table: pd.DataFrame, matrix: pd.DataFrame, provenance: dict[str, Any]) -> None:

@@ -38,7 +38,7 @@ class Job:
     model: dict[str, Any]  # ModelSpec dump (by alias); model["name"] labels the results
     defense: dict[str, Any]
     threat: dict[str, Any]
-    attack: dict[str, Any]  # {"name": ..., "params": {...}}
+    attack: dict[str, Any]  # {"name": registry name, "params": {...}, "label": name in the results}
     shard: int
     indices: tuple[int, ...]  # indices into the full data set (the shard's examples)
     base_seed: int
@@ -58,7 +58,11 @@ class Job:
 
     @property
     def cell(self) -> tuple[str, str, str, str]:
-        return (self.model["name"], self.defense["name"], json.dumps(self.threat, sort_keys=True), self.attack["name"])
+        return (self.model["name"], self.defense["name"], json.dumps(self.threat, sort_keys=True), self.attack_label)
+
+    @property
+    def attack_label(self) -> str:
+        return str(self.attack.get("label") or self.attack["name"])
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -190,7 +194,7 @@ class Worker:
             model=job.model["name"],
             defense=job.defense["name"],
             threat=job.threat,
-            attack=job.attack["name"],
+            attack=job.attack_label,
             attack_params=job.attack["params"],
             shard=job.shard,
             seconds=seconds,

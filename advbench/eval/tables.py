@@ -5,7 +5,9 @@
 any attack broke it. Definitions (n = evaluated examples):
 
 - clean_accuracy = #(clean prediction correct) / n
-- robust_accuracy = #(clean correct and no audited successful attack) / n
+- robust_accuracy = #(clean correct and still correctly classified on every audited adversarial
+  example) / n: for a targeted threat, a misclassification into another class than the target
+  breaks the example too, though it is not a success of the attack
 - attack_success_rate = #(successful attacks) / #(clean correct)  (targeted: target reached)
 - audit_violations = #(attacked examples rejected by the threat-model audit)
 - median/mean distance: over successful examples, in the threat model's norm
@@ -34,7 +36,12 @@ def _threat_columns(threat_json: str) -> dict[str, object]:
             "knowledge": t["knowledge"]}
 
 
-def _row(ex: pd.DataFrame, jobs: pd.DataFrame, success: pd.Series) -> dict[str, object]:
+def _broken(ex: pd.DataFrame) -> pd.Series:
+    """An audited example that the model misclassifies (success or not), or a success."""
+    return ex.success.astype(bool) | (ex.valid.astype(bool) & (ex.pred_adv != ex.label))
+
+
+def _row(ex: pd.DataFrame, jobs: pd.DataFrame, success: pd.Series, broken: pd.Series) -> dict[str, object]:
     correct = ex.pred_clean == ex.label
     n = len(ex)
     n_correct = int(correct.sum())
@@ -43,7 +50,7 @@ def _row(ex: pd.DataFrame, jobs: pd.DataFrame, success: pd.Series) -> dict[str, 
     return {
         "n": n,
         "clean_accuracy": n_correct / n if n else float("nan"),
-        "robust_accuracy": int((correct & ~succ).sum()) / n if n else float("nan"),
+        "robust_accuracy": int((correct & ~(broken | succ)).sum()) / n if n else float("nan"),
         "attack_success_rate": int(succ.sum()) / n_correct if n_correct else float("nan"),
         "audit_violations": int(jobs.violations.sum()),
         "quantization_failures": int(jobs.quantization_failures.sum()),
@@ -78,20 +85,26 @@ def robust_accuracy_table(
         attacks = list(dict.fromkeys(group.attack))
         if "attacks" in order:
             attacks.sort(key=lambda a: order["attacks"].index(a) if a in order["attacks"] else len(order["attacks"]))
-        broken = pd.Series(False, index=pd.Index(sorted(group.idx.unique()), name="idx"))
+        index = pd.Index(sorted(group.idx.unique()), name="idx")
+        succeeded = pd.Series(False, index=index)  # by any attack so far
+        broken = pd.Series(False, index=index)
         base = None
         for attack in attacks:
             ex = group[group.attack == attack].set_index("idx").sort_index()
             base = ex if base is None else base
-            broken = broken | ex.success.reindex(broken.index, fill_value=False)
-            success = broken.reindex(ex.index) if cascade else ex.success
+            succeeded = succeeded | ex.success.reindex(index, fill_value=False)
+            broken = broken | _broken(ex).reindex(index, fill_value=False)
+            if cascade:
+                success, brk = succeeded.reindex(ex.index), broken.reindex(ex.index)
+            else:
+                success, brk = ex.success, _broken(ex)
             row = {"model": model, "defense": defense, "attack": attack, **tcols,
-                   **_row(ex, gjobs[gjobs.attack == attack], success)}
+                   **_row(ex, gjobs[gjobs.attack == attack], success, brk)}
             rows.append(row)
         if len(attacks) > 1 or cascade:
             ex = base
             row = {"model": model, "defense": defense, "attack": WORST_CASE, **tcols,
-                   **_row(ex, gjobs, broken.reindex(ex.index))}
+                   **_row(ex, gjobs, succeeded.reindex(ex.index), broken.reindex(ex.index))}
             # the worst case's distances: the smallest successful perturbation over attacks
             succ = group[group.success]
             if len(succ):
@@ -114,8 +127,12 @@ def _sort(table: pd.DataFrame, order: dict[str, list[str]]) -> pd.DataFrame:
     return keys.drop(columns=["_m", "_d", "_a"]).reset_index(drop=True)
 
 
-def robust_accuracy_matrix(table: pd.DataFrame) -> pd.DataFrame:
-    """Robust accuracy (%) with rows model/defense/attack and one column per threat budget."""
+def robust_accuracy_matrix(table: pd.DataFrame, attack_order: list[str] | None = None) -> pd.DataFrame:
+    """Robust accuracy (%) with rows model/defense/attack and one column per threat budget.
+
+    Rows follow the table's model and defense order and ``attack_order`` (default: first
+    appearance), with each group's worst case last.
+    """
     if table.empty:
         return pd.DataFrame()
     t = table.assign(
@@ -125,6 +142,12 @@ def robust_accuracy_matrix(table: pd.DataFrame) -> pd.DataFrame:
     )
     clean = t.groupby(["model", "defense"], sort=False).clean_accuracy.first().mul(100).round(1)
     m = t.pivot_table(index=["model", "defense", "attack"], columns="threat", values="acc", sort=False)
+    triples = list(dict.fromkeys(zip(table.model, table.defense, table.attack)))
+    groups = list(dict.fromkeys((mo, de) for mo, de, _ in triples))
+    attacks = list(attack_order or []) + [a for _, _, a in triples if a not in (attack_order or []) and a != WORST_CASE]
+    rank = {a: i for i, a in enumerate(dict.fromkeys(attacks))}
+    rows = sorted(triples, key=lambda r: (groups.index(r[:2]), rank.get(r[2], len(rank))))
+    m = m.reindex(pd.MultiIndex.from_tuples(rows, names=m.index.names))
     m.insert(0, "clean", [clean[(mo, de)] for mo, de, _ in m.index])
     m.columns.name = "robust accuracy %"
     return m
