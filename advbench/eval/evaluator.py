@@ -93,7 +93,7 @@ def evaluate(
             if j.key not in finished or (save_adversarial and not store.has_adversarial(config_hash, j.key))
         ]
         worker = Worker(device, robust_lookup=lambda keys: store.robust_mask(config_hash, keys), amp=config.amp)
-        worker._data[_data_key(config)] = (data, data.x.to(device), data.y.to(device))
+        worker.preload_data(config.data.model_dump(mode="json"), data)
         show = sys.stderr.isatty() if progress is None else progress
         bar = tqdm(total=len(todo), disable=not show, desc="advbench", unit="job", dynamic_ncols=True)
         try:
@@ -176,12 +176,6 @@ def _indices_digest(indices: np.ndarray) -> str:
     import hashlib
 
     return hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
-
-
-def _data_key(config: BenchmarkConfig) -> str:
-    from advbench.eval.jobs import stable_hash
-
-    return stable_hash(config.data.model_dump(mode="json"))
 
 
 def _model_cards(config: BenchmarkConfig) -> dict[str, Any]:

@@ -91,6 +91,10 @@ class Worker:
         self._clean: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ cached context
+    def preload_data(self, spec: dict[str, Any], data: Any) -> None:
+        """Hand the worker a data set already loaded for ``spec`` (saves loading it twice)."""
+        self._data[stable_hash(spec)] = (data, data.x.to(self.device), data.y.to(self.device))
+
     def data(self, spec: dict[str, Any]):
         from advbench.eval.resolve import load_data
 
