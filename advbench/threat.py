@@ -17,7 +17,7 @@ Norm conventions (per example):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -89,7 +89,6 @@ class ThreatModel:
     knowledge: Knowledge = Knowledge.WHITE_BOX
     query_budget: int | None = None
     quantize: str | None = None
-    extra: tuple[tuple[str, Any], ...] = field(default=(), compare=True)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -127,15 +126,12 @@ class ThreatModel:
             set_(self, "query_budget", int(self.query_budget))
         if self.quantize not in (None, "8bit"):
             raise ConfigError(f"quantize must be '8bit' or absent, got {self.quantize!r}")
-        if isinstance(self.extra, dict):
-            set_(self, "extra", tuple(sorted(self.extra.items())))
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["norm"], d["targeting"], d["knowledge"] = self.norm.value, self.targeting.value, self.knowledge.value
         d["bounds"] = list(self.bounds)
-        d["extra"] = dict(self.extra)
         if self.norm is Norm.UNBOUNDED:
             d["eps"] = None
         return d
@@ -151,8 +147,6 @@ class ThreatModel:
             d["eps"] = math.inf
         if "bounds" in d:
             d["bounds"] = tuple(d["bounds"])
-        if "extra" in d and isinstance(d["extra"], dict):
-            d["extra"] = tuple(sorted(d["extra"].items()))
         return cls(**d)
 
     def with_eps(self, eps: float) -> ThreatModel:

@@ -184,8 +184,9 @@ def test_kill_dash_nine_then_resume_gives_the_uninterrupted_table(tmp_path):
 
 def test_targeted_threat_robust_accuracy_counts_every_misclassification(tmp_path):
     """Targeted: success = target reached; robust accuracy = still correctly classified."""
-    cfg = _config(threats=[{"norm": "linf", "eps": [0.1], "targeting": "random"}],
-                  attacks=[{"name": "pgd", "steps": 5, "step_size": 0.05}])
+    # one targeted FGSM step at a large eps leaves ~30 of 120 examples misclassified off-target
+    # (30-41 over seeds 0-3), so the distinction below is exercised whatever the job seed
+    cfg = _config(threats=[{"norm": "linf", "eps": [0.2], "targeting": "random"}], attacks=["fgsm"])
     res = evaluate(cfg, tmp_path, progress=False)
     row = res.table.iloc[0]
     con = sqlite3.connect(tmp_path / "results.sqlite")
@@ -196,7 +197,6 @@ def test_targeted_threat_robust_accuracy_counts_every_misclassification(tmp_path
     assert row.robust_accuracy == pytest.approx(still_correct.mean())
     assert row.attack_success_rate == pytest.approx((hit & correct).sum() / correct.sum())
     assert bool((ex.target[hit] == ex.pred_adv[hit]).all())
-    # short targeted runs leave some examples misclassified but not at their target
     missed_target = correct & ~hit & (ex.pred_adv != ex.label)
     assert missed_target.any()
     # so robust accuracy is strictly below what counting target hits alone would report

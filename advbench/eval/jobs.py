@@ -104,7 +104,7 @@ class Worker:
             self._data[key] = (data, data.x.to(self.device), data.y.to(self.device))
         return self._data[key]
 
-    def model(self, model_spec: dict[str, Any], defense_spec: dict[str, Any], data) -> nn.Module:
+    def model(self, model_spec: dict[str, Any], defense_spec: dict[str, Any]) -> nn.Module:
         from advbench.eval.resolve import apply_defense, load_model
 
         key = stable_hash([model_spec, defense_spec])
@@ -121,7 +121,7 @@ class Worker:
         key = stable_hash([job.data, job.model, job.defense])
         if key not in self._clean:
             data, x, _ = self.data(job.data)
-            model = self.model(job.model, job.defense, data)
+            model = self.model(job.model, job.defense)
             self._clean[key] = clean_predictions(model, x, data.num_classes, job.model["name"])
         return self._clean[key]
 
@@ -130,7 +130,7 @@ class Worker:
         from advbench.registry import ATTACKS
 
         data, x_all, y_all = self.data(job.data)
-        model = self.model(job.model, job.defense, data)
+        model = self.model(job.model, job.defense)
         pred_clean_all = self.clean_predictions(job)
         start = time.perf_counter()  # the attack's time only: loading and training are not the attack's
         idx = torch.tensor(job.indices, dtype=torch.long, device=self.device)
