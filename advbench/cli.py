@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bar and no table on stdout")
 
     ls = sub.add_parser("list", help="list registered attacks, defenses, models or data sets")
-    ls.add_argument("kind", choices=["attacks", "defenses", "models", "datasets"])
+    ls.add_argument("kind", choices=["attacks", "defenses", "models", "datasets", "traversals"])
     ls.add_argument("pattern", nargs="?", default="*", help="glob pattern, e.g. 'pgd*'")
 
     sub.add_parser("config", help="print the embedded default config (a starting point for your own)")

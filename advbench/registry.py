@@ -198,10 +198,14 @@ ATTACKS: Registry[Any] = Registry("attack", "advbench.attacks")
 DEFENSES: Registry[Any] = Registry("defense", "advbench.defenses")
 MODELS: Registry[Any] = Registry("model", "advbench.models")
 DATASETS: Registry[Any] = Registry("dataset", "advbench.datasets")
+#: level-set traversals (blind-spot analyses): they map a (source, target) image pair to an image
+#: the model still gives the source class, so they are not attacks with a threat model
+TRAVERSALS: Registry[Any] = Registry("traversal", "advbench.traversals")
 
 REGISTRIES: dict[str, Registry[Any]] = {
     "attacks": ATTACKS,
     "defenses": DEFENSES,
     "models": MODELS,
     "datasets": DATASETS,
+    "traversals": TRAVERSALS,
 }

@@ -27,7 +27,15 @@ EPS = {Norm.LINF: 0.15, Norm.L2: 1.5, Norm.L1: 6.0, Norm.L0: 6, Norm.UNBOUNDED: 
 VALID_EPS = {Norm.LINF: 0.1, Norm.L2: 1.0, Norm.L1: 4.0, Norm.L0: 4, Norm.UNBOUNDED: 0.0}
 # Cheaper settings for the built-ins (the contract does not depend on the iteration count);
 # an attack not listed here runs with its defaults.
-FAST = {"bim": {"steps": 8, "step_size": 0.025}, "illc": {"steps": 8, "step_size": 0.025}, "pgd": {"steps": 10}}
+FAST = {
+    "bim": {"steps": 8, "step_size": 0.025},
+    "illc": {"steps": 8, "step_size": 0.025},
+    "pgd": {"steps": 10},
+    "cw": {"steps": 100, "search_steps": 4},
+    "deepfool": {},
+    "lbfgs": {},
+    "onepixel": {"population": 50, "generations": 5},
+}
 KNOWLEDGE_PREFERENCE = (Knowledge.WHITE_BOX, Knowledge.SCORE_BASED, Knowledge.DECISION_BASED)
 
 

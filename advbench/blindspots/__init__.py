@@ -1,0 +1,1 @@
+"""Blind-spot analysis (Level Set Traversal): placeholder, being written (issue 3)."""
