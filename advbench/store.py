@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS examples (
     valid INTEGER NOT NULL,
     success INTEGER NOT NULL,
     distance REAL,
+    min_distance REAL,
     PRIMARY KEY (config_hash, job_key, idx)
 );
 CREATE TABLE IF NOT EXISTS adversarial (
@@ -102,6 +103,13 @@ class ResultStore:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a store written by an older advbench up to this schema (columns only get added)."""
+        have = {row[1] for row in self._conn.execute("PRAGMA table_info(examples)")}
+        if "min_distance" not in have:  # added with the minimal-perturbation attacks
+            self._conn.execute("ALTER TABLE examples ADD COLUMN min_distance REAL")
 
     def close(self) -> None:
         self._conn.close()
@@ -148,11 +156,13 @@ class ResultStore:
                 ),
             )
             cur.executemany(
-                "INSERT INTO examples VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO examples(config_hash, job_key, idx, label, pred_clean, pred_adv, target, attacked, "
+                "valid, success, distance, min_distance) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (
                         config_hash, rec.job_key, e["idx"], e["label"], e["pred_clean"], e["pred_adv"], e.get("target"),
                         int(e["attacked"]), int(e["valid"]), int(e["success"]), e.get("distance"),
+                        e.get("min_distance"),
                     )
                     for e in rec.examples
                 ],

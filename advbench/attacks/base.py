@@ -12,12 +12,23 @@ support), take their hyperparameters as keyword-only constructor arguments and i
    off and the model in eval mode;
 4. audits the output (:mod:`advbench.audit`): success is recomputed from the model's own
    predictions and examples outside the threat model count as failures, never as successes.
+
+*Minimal-perturbation* attacks (``minimal = True``: Carlini-Wagner, DeepFool, L-BFGS) search
+for the smallest adversarial example whatever the budget. Their ``_run`` returns, per example,
+the smallest adversarial example it found (or ``x`` where it found none) and ignores ``eps``.
+The base class audits that output without the eps-ball (finite, in bounds, goal met) to get
+each example's minimal distance (``inf`` where none was found), then counts it under the threat
+model only where that distance is within ``eps``; elsewhere the clean input counts (the attack
+failed within the budget). :meth:`Attack.at_budget` re-derives the result at another ``eps``
+without rerunning the attack, so one run serves a whole eps sweep.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,7 +38,7 @@ import torch
 from torch import nn
 
 from advbench.access import Handle, WhiteBoxModel, handle_for
-from advbench.audit import audit
+from advbench.audit import audit, goal_met
 from advbench.errors import ConfigError, ModelOutputError, QueryBudgetExceeded, UnsupportedThreatError
 from advbench.threat import Knowledge, Norm, Targeting, ThreatModel
 
@@ -51,6 +62,12 @@ class AttackResult:
     params: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
     budget_exhausted: bool = False
+    #: minimal-perturbation attacks only: the smallest adversarial example found per example
+    #: (``x`` where none was found), whatever the budget
+    x_minimal: torch.Tensor | None = None
+    #: minimal-perturbation attacks only: its distance where it is audited adversarial
+    #: (finite, in bounds, goal met), ``inf`` where the attack found nothing
+    minimal_distances: torch.Tensor | None = None
 
     @property
     def n_violations(self) -> int:
@@ -74,6 +91,8 @@ class Attack(ABC):
     norms: ClassVar[frozenset[Norm]] = frozenset()
     targeting: ClassVar[frozenset[Targeting]] = frozenset({Targeting.UNTARGETED})
     knowledge: ClassVar[frozenset[Knowledge]] = frozenset({Knowledge.WHITE_BOX})
+    #: searches for the smallest adversarial example, ignoring eps (see the module docstring)
+    minimal: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ config
     def params(self) -> dict[str, Any]:
@@ -146,24 +165,72 @@ class Attack(ABC):
                     f"attack {self.name!r} returned {getattr(x_adv, 'shape', type(x_adv))}, expected shape {tuple(x.shape)}"
                 )
             x_adv = x_adv.detach()
+            queries = int(handle.queries.sum()) if hasattr(handle, "queries") else 0
+            result = AttackResult(
+                x_adv=x_adv,
+                success=torch.zeros_like(y, dtype=torch.bool),  # filled in by the audit below
+                valid=torch.zeros_like(y, dtype=torch.bool),
+                pred_clean=pred_clean,
+                pred_adv=pred_clean,
+                distances=_distances(x_adv, x, threat),
+                target=target,
+                n_forward=handle.n_forward,
+                n_backward=handle.n_backward,
+                n_queries=queries,
+                quantization_failures=0,
+                attack=self.name,
+                params=self.params(),
+                seed=generator.initial_seed() if generator is not None else None,
+                budget_exhausted=exhausted,
+            )
+            if self.minimal:
+                return self._budgeted(model, x, y, threat, result, x_adv)
             report = audit(model, x, x_adv, y, threat, target)
-        queries = int(handle.queries.sum()) if hasattr(handle, "queries") else 0
-        return AttackResult(
+        return dataclasses.replace(
+            result,
+            success=report.success,
+            valid=report.valid,
+            pred_adv=report.pred_adv,
+            quantization_failures=int(report.quantization_failures.sum()),
+        )
+
+    @final
+    def at_budget(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
+                  result: AttackResult) -> AttackResult:
+        """A minimal-perturbation attack's ``result`` re-audited under ``threat`` (another eps of
+        the same norm, targeting and knowledge), without running the attack again. The counts
+        (passes, queries) stay those of the run that produced ``result``."""
+        if not self.minimal or result.x_minimal is None:
+            raise ConfigError(f"attack {self.name!r} is not a minimal-perturbation attack; rerun it at each eps")
+        self.check_threat(threat)
+        _validate_inputs(x, y, threat)
+        with frozen(model):
+            return self._budgeted(model, x, y, threat, result, result.x_minimal)
+
+    def _budgeted(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
+                  result: AttackResult, x_minimal: torch.Tensor) -> AttackResult:
+        """Audit ``x_minimal`` without the ball, then count it only where it lies within eps."""
+        # where the clean input already meets the goal, it is the smallest example there is
+        clean_hit = goal_met(result.pred_clean, y, result.target)
+        x_minimal = torch.where(clean_hit.view(-1, *([1] * (x.dim() - 1))), x, x_minimal)
+        anywhere = dataclasses.replace(threat, norm=Norm.UNBOUNDED, eps=math.inf)
+        found = audit(model, x, x_minimal, y, anywhere, result.target).success
+        x_minimal = torch.where(found.view(-1, *([1] * (x.dim() - 1))), x_minimal, x)  # nothing found: x
+        dist = _distances(x_minimal, x, threat)
+        minimal_distances = torch.where(found, dist, torch.full_like(dist, math.inf))
+        within = minimal_distances <= threat.eps + threat.tolerance
+        x_adv = torch.where(within.view(-1, *([1] * (x.dim() - 1))), x_minimal, x)
+        report = audit(model, x, x_adv, y, threat, result.target)
+        return dataclasses.replace(
+            result,
             x_adv=x_adv,
             success=report.success,
             valid=report.valid,
-            pred_clean=pred_clean,
             pred_adv=report.pred_adv,
             distances=_distances(x_adv, x, threat),
-            target=target,
-            n_forward=handle.n_forward,
-            n_backward=handle.n_backward,
-            n_queries=queries,
             quantization_failures=int(report.quantization_failures.sum()),
-            attack=self.name,
-            params=self.params(),
-            seed=generator.initial_seed() if generator is not None else None,
-            budget_exhausted=exhausted,
+            x_minimal=x_minimal,
+            minimal_distances=minimal_distances,
         )
 
     @abstractmethod

@@ -27,6 +27,7 @@ from advbench.eval.provenance import device_info, resolve_device, timestamp, ver
 from advbench.eval.resolve import load_data
 from advbench.eval.tables import robust_accuracy_matrix, robust_accuracy_table
 from advbench.store import ResultStore
+from advbench.threat import ThreatModel
 
 DB_NAME = "results.sqlite"
 
@@ -42,25 +43,39 @@ class EvaluationResult:
 
 
 def plan_jobs(config: BenchmarkConfig, indices: np.ndarray, save_adversarial: bool = False) -> list[Job]:
-    """All jobs of a config, in a fixed order (models, defenses, threats, attacks, shards)."""
+    """All jobs of a config, in a fixed order: models, defenses, threat models (grouped by all
+    but eps), attacks, then shards and eps. A minimal-perturbation attack's jobs at the eps of one
+    group come one after another for each shard, so the worker runs the attack once and re-audits
+    its result at each eps."""
+    from advbench.registry import ATTACKS
+
     data = config.data.model_dump(mode="json")
     shards = [tuple(int(i) for i in indices[s : s + config.batch_size]) for s in range(0, len(indices), config.batch_size)]
+    groups: dict[str, list[ThreatModel]] = {}
+    for threat in config.threat_models():
+        groups.setdefault(json.dumps({k: v for k, v in threat.to_dict().items() if k != "eps"}, sort_keys=True), []).append(threat)
+    labels = config.attack_labels()
     jobs: list[Job] = []
     for model in config.models:
         mspec = model.model_dump(mode="json", by_alias=True)
         for defense in config.defenses:
             dspec = defense.model_dump(mode="json")
-            for threat in config.threat_models():
-                tdict = threat.to_dict()
-                earlier: dict[int, list[str]] = {}
-                for attack, label in zip(config.attacks, config.attack_labels()):
-                    if threat not in attack_threats(config, attack):
-                        continue
-                    aspec = {"name": attack.name, "params": attack.params, "label": label}
-                    for s, shard in enumerate(shards):
-                        after = tuple(earlier.get(s, [])) if config.cascade else ()
-                        job = Job(data, mspec, dspec, tdict, aspec, s, shard, config.seed, after, save_adversarial)
-                        earlier.setdefault(s, []).append(job.key)
+            for threats in groups.values():
+                earlier: dict[tuple[int, ThreatModel], list[str]] = {}
+                for attack, label in zip(config.attacks, labels):
+                    aspec: dict[str, Any] = {"name": attack.name, "params": attack.params, "label": label}
+                    minimal = bool(getattr(ATTACKS.create(attack.name, **attack.params), "minimal", False))
+                    if minimal:
+                        aspec["minimal"] = True
+                    allowed = attack_threats(config, attack)
+                    planned = [t for t in threats if t in allowed]
+                    order = ([(s, t) for s in range(len(shards)) for t in planned] if minimal
+                             else [(s, t) for t in planned for s in range(len(shards))])
+                    for s, threat in order:
+                        after = tuple(earlier.get((s, threat), [])) if config.cascade else ()
+                        job = Job(data, mspec, dspec, threat.to_dict(), aspec, s, shards[s], config.seed, after,
+                                  save_adversarial)
+                        earlier.setdefault((s, threat), []).append(job.key)
                         jobs.append(job)
     return jobs
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from advbench.attacks.base import Attack, AttackResult
 from advbench.errors import ModelOutputError
 from advbench.store import JobRecord
 from advbench.threat import ThreatModel
@@ -52,9 +53,26 @@ class Job:
         return stable_hash(d)
 
     @property
+    def minimal(self) -> bool:
+        """Whether the attack is a minimal-perturbation one (one run serves every eps)."""
+        return bool(self.attack.get("minimal"))
+
+    @property
+    def sweep_key(self) -> str:
+        """The key of the attack run behind this job. A minimal-perturbation attack ignores eps,
+        so its jobs at every eps of one threat model (norm, targeting, ...) share one run."""
+        if not self.minimal:
+            return self.key
+        d = asdict(self)
+        for k in ("save_adversarial", "after"):
+            d.pop(k)
+        d["threat"] = {k: v for k, v in d["threat"].items() if k != "eps"}
+        return stable_hash(d)
+
+    @property
     def seed(self) -> int:
         """The job's own seed: derived from the run seed and the job's content, not its position."""
-        return int(stable_hash({"seed": self.base_seed, "key": self.key}, 15), 16)
+        return int(stable_hash({"seed": self.base_seed, "key": self.sweep_key}, 15), 16)
 
     @property
     def cell(self) -> tuple[str, str, str, str]:
@@ -89,6 +107,8 @@ class Worker:
         self._data: dict[str, Any] = {}
         self._models: dict[str, nn.Module] = {}
         self._clean: dict[str, torch.Tensor] = {}
+        # the last minimal-perturbation run, reused by the jobs of its other eps (planned next to it)
+        self._sweep: tuple[tuple[str, bytes], AttackResult, float] | None = None
 
     # ------------------------------------------------------------------ cached context
     def preload_data(self, spec: dict[str, Any], data: Any) -> None:
@@ -147,13 +167,15 @@ class Worker:
         valid = torch.ones(n, dtype=torch.bool, device=self.device)
         success = torch.zeros(n, dtype=torch.bool, device=self.device)
         distance = torch.full((n,), float("nan"), device=self.device)
+        min_distance = torch.full((n,), float("nan"), device=self.device)  # inf: searched, none found
         target_all = torch.full((n,), -1, dtype=torch.long, device=self.device)
         x_adv_all = x.clone()
         n_forward = n_backward = n_queries = quant = 0
+        seconds_run: float | None = None
         generator = torch.Generator(device="cpu").manual_seed(job.seed)
         if bool(todo.any()):
             sel = todo.nonzero().squeeze(1)
-            result = attack(model, x[sel], y[sel], threat, generator=generator)
+            result, seconds_run = self._attack(job, attack, model, x[sel], y[sel], sel, threat, generator)
             pred_adv[sel] = result.pred_adv
             valid[sel] = result.valid
             success[sel] = result.success
@@ -161,14 +183,18 @@ class Worker:
             if result.target is not None:
                 target_all[sel] = result.target
             x_adv_all[sel] = result.x_adv
+            if result.minimal_distances is not None:
+                min_distance[sel] = result.minimal_distances.to(min_distance.dtype)
             n_forward, n_backward, n_queries = result.n_forward, result.n_backward, result.n_queries
             quant = result.quantization_failures
         seconds = time.perf_counter() - start
+        if seconds_run is not None:
+            seconds = seconds_run  # a reused minimal-perturbation run: report what the run cost
 
         pos = list(job.indices)
         cols = {k: v.cpu().numpy() for k, v in dict(
             label=y, pred_clean=pred_clean, pred_adv=pred_adv, attacked=todo, valid=valid, success=success,
-            distance=distance, target=target_all).items()}
+            distance=distance, min_distance=min_distance, target=target_all).items()}
         examples = [
             {
                 "idx": pos[i],
@@ -180,6 +206,7 @@ class Worker:
                 "valid": bool(cols["valid"][i]),
                 "success": bool(cols["success"][i]),
                 "distance": float(cols["distance"][i]) if np.isfinite(cols["distance"][i]) else None,
+                "min_distance": None if np.isnan(cols["min_distance"][i]) else float(cols["min_distance"][i]),
             }
             for i in range(n)
         ]
@@ -211,6 +238,23 @@ class Worker:
             examples=examples,
             adversarial=adversarial,
         )
+
+    def _attack(
+        self, job: Job, attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, sel: torch.Tensor,
+        threat: ThreatModel, generator: torch.Generator,
+    ) -> tuple[AttackResult, float | None]:
+        """Run the attack, or re-audit the run a minimal-perturbation job shares with its other
+        eps. Returns the result and, when reused, the seconds the shared run took."""
+        if not job.minimal:
+            return attack(model, x, y, threat, generator=generator), None
+        key = (job.sweep_key, sel.cpu().numpy().tobytes())
+        if self._sweep is not None and self._sweep[0] == key:
+            _, shared, seconds = self._sweep
+            return attack.at_budget(model, x, y, threat, shared), seconds
+        start = time.perf_counter()
+        result = attack(model, x, y, threat, generator=generator)
+        self._sweep = (key, result, time.perf_counter() - start)
+        return result, None
 
 
 @torch.no_grad()

@@ -10,7 +10,12 @@ any attack broke it. Definitions (n = evaluated examples):
   breaks the example too, though it is not a success of the attack
 - attack_success_rate = #(successful attacks) / #(clean correct)  (targeted: target reached)
 - audit_violations = #(attacked examples rejected by the threat-model audit)
-- median/mean distance: over successful examples, in the threat model's norm
+- median/mean distance: over successful examples, in the threat model's norm. For a
+  minimal-perturbation attack (C&W, DeepFool, L-BFGS): over the clean-correct examples where it
+  found any adversarial example, whatever eps (the distribution of minimal perturbations, the
+  same at every eps); ``found_rate`` is the fraction of clean-correct examples where it found one
+- a minimal-perturbation attack runs once per threat model and shard and is re-audited at each
+  eps, so its rows at every eps report that one run's seconds and passes
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ WORST_CASE = "worst-case"
 COLUMNS = [
     "model", "defense", "attack", "norm", "eps", "targeting", "knowledge", "n", "clean_accuracy",
     "robust_accuracy", "attack_success_rate", "audit_violations", "quantization_failures", "median_distance",
-    "mean_distance", "seconds", "n_forward", "n_backward", "n_queries",
+    "mean_distance", "found_rate", "seconds", "n_forward", "n_backward", "n_queries",
 ]
 
 
@@ -46,7 +51,13 @@ def _row(ex: pd.DataFrame, jobs: pd.DataFrame, success: pd.Series, broken: pd.Se
     n = len(ex)
     n_correct = int(correct.sum())
     succ = success & correct
-    dist = ex.distance[succ].dropna()
+    found_rate = float("nan")
+    if "min_distance" in ex and ex.min_distance.notna().any():  # a minimal-perturbation attack
+        searched = ex.min_distance[correct & ex.attacked.astype(bool)].dropna()
+        dist = searched[np.isfinite(searched)]
+        found_rate = len(dist) / n_correct if n_correct else float("nan")
+    else:
+        dist = ex.distance[succ].dropna()
     return {
         "n": n,
         "clean_accuracy": n_correct / n if n else float("nan"),
@@ -56,6 +67,7 @@ def _row(ex: pd.DataFrame, jobs: pd.DataFrame, success: pd.Series, broken: pd.Se
         "quantization_failures": int(jobs.quantization_failures.sum()),
         "median_distance": float(dist.median()) if len(dist) else float("nan"),
         "mean_distance": float(dist.mean()) if len(dist) else float("nan"),
+        "found_rate": found_rate,
         "seconds": float(jobs.seconds.sum()),
         "n_forward": int(jobs.n_forward.sum()),
         "n_backward": int(jobs.n_backward.sum()),
