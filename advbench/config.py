@@ -14,12 +14,12 @@ import math
 import re
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from advbench.errors import AdvbenchError, ConfigError
+from advbench.errors import ConfigError
 from advbench.threat import Norm, ThreatModel
 
 DEFAULT_CONFIG_YAML = """\
@@ -275,34 +275,42 @@ def _format_validation_error(exc: ValidationError) -> str:
     return "invalid config: " + "; ".join(parts) + more
 
 
-def parse_config(raw: Any) -> BenchmarkConfig:
-    """Validate a parsed YAML/JSON mapping into a BenchmarkConfig (ConfigError on bad input)."""
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def validated(model: type[_M], raw: Any, what: str) -> _M:
+    """``raw`` (a parsed YAML mapping) validated into ``model`` (ConfigError, one line, on bad input)."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"a config must be a mapping of fields, got {type(raw).__name__}")
+        raise ConfigError(f"{what} must be a mapping of fields, got {type(raw).__name__}")
     try:
-        config = BenchmarkConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc)) from None
-    except AdvbenchError:
-        raise
+
+
+def read_yaml_file(path: str | Path) -> Any:
+    """The parsed contents of a YAML file (ConfigError naming the file, and the line of a syntax error)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+
+
+def parse_config(raw: Any) -> BenchmarkConfig:
+    """Validate a parsed YAML/JSON mapping into a BenchmarkConfig (ConfigError on bad input)."""
+    config = validated(BenchmarkConfig, raw, "a config")
     validate_names(config)
     return config
 
 
 def load_config(path: str | Path | None = None) -> BenchmarkConfig:
     """Read a YAML config file, or the embedded default when ``path`` is None."""
-    if path is None:
-        return parse_config(yaml.safe_load(DEFAULT_CONFIG_YAML))
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    return parse_config(raw)
+    return parse_config(yaml.safe_load(DEFAULT_CONFIG_YAML) if path is None else read_yaml_file(path))
 
 
 def validate_names(config: BenchmarkConfig) -> None:
