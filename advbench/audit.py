@@ -38,6 +38,26 @@ def goal_met(pred: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -
     return pred != y if target is None else pred == target
 
 
+def reached(
+    net: torch.nn.Module,
+    x_adv: torch.Tensor,
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    target: torch.Tensor | None,
+    threat: ThreatModel,
+) -> torch.Tensor:
+    """Per example, whether ``x_adv`` (whose logits are ``logits``) meets the goal as the audit will
+    judge it: after 8-bit rounding too when the threat model asks for that (one extra forward
+    pass, on the examples that meet it before rounding only)."""
+    ok = goal_met(logits.argmax(dim=1), y, target)
+    if threat.quantize == "8bit" and bool(ok.any()):
+        idx = ok.nonzero().squeeze(1)
+        with torch.no_grad():
+            pred = net(quantize_8bit(x_adv[idx], threat.bounds)).argmax(dim=1)
+        ok[idx] = goal_met(pred, y[idx], None if target is None else target[idx])
+    return ok
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
     """Top-1 predictions, in chunks so an audit never needs more memory than the attack did."""

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _common import publish  # benchmarks/ is on sys.path when a script runs
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "attack_cost.md")
 
@@ -234,12 +236,7 @@ CIFAR-sized CNN (0.2M parameters) with frozen parameters; one forward+backward t
 
 {table}
 """
-    print(text)
-    if args.out != "-":
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write(text)
-        print(f"wrote {args.out}", file=sys.stderr)
+    publish(text, args.out)
     return 0
 
 
