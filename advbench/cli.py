@@ -3,6 +3,7 @@
     advbench evaluate [CONFIG.yaml] [--out DIR] [--save-adversarial] [--device D]
     advbench list attacks|defenses|models|datasets [PATTERN]
     advbench config            # print the embedded default config
+    advbench blindspots [CONFIG.yaml] [--out DIR]   # Level Set Traversal blind-spot analysis
 
 Bad input of any kind prints one ``error: ...`` line and exits with code 2; no traceback.
 """
@@ -45,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("pattern", nargs="?", default="*", help="glob pattern, e.g. 'pgd*'")
 
     sub.add_parser("config", help="print the embedded default config (a starting point for your own)")
+
+    bs = sub.add_parser("blindspots", help="Level Set Traversal blind-spot analysis; no CONFIG runs the embedded default")
+    bs.add_argument("config", nargs="?", help="YAML config file (default: digits + digits-cnn, under a minute)")
+    bs.add_argument("--out", help="output folder (default: advbench-blindspots/<config hash>)")
+    bs.add_argument("--device", help="override the config's device: cpu, cuda, cuda:N, auto")
+    bs.add_argument("--seed", type=int, help="override the config's seed")
+    bs.add_argument("--print-config", action="store_true", help="print the embedded default config and exit")
+    bs.add_argument("--quiet", action="store_true", help="no progress lines and no tables on stdout")
     return p
 
 
@@ -100,6 +109,28 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_blindspots(args: argparse.Namespace) -> int:
+    from advbench.blindspots.config import DEFAULT_BLINDSPOTS_YAML, load_blindspot_config, parse_blindspot_config
+
+    if args.print_config:
+        print(DEFAULT_BLINDSPOTS_YAML, end="")
+        return 0
+    from advbench.blindspots.analysis import run_blindspots
+    from advbench.blindspots.report import markdown
+
+    config = load_blindspot_config(args.config)
+    overrides = {k: v for k, v in (("device", args.device), ("seed", args.seed)) if v is not None}
+    if overrides:
+        config = parse_blindspot_config({**config.canonical(), **overrides})
+    out = Path(args.out) if args.out else Path("advbench-blindspots") / config.hash()
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    result = run_blindspots(config, out, config_source=str(args.config) if args.config else None, log=log)
+    if not args.quiet:
+        print(markdown(result.distance_table, result.confidence_table, config.deltas, result.summary, result.notes))
+        print(f"files -> {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -111,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
-    handlers = {"evaluate": cmd_evaluate, "list": cmd_list, "config": cmd_config}
+    handlers = {"evaluate": cmd_evaluate, "list": cmd_list, "config": cmd_config, "blindspots": cmd_blindspots}
     from advbench.errors import AdvbenchError
 
     try:

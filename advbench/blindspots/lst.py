@@ -1,0 +1,306 @@
+"""Level Set Traversal (LST): walk from a source image to a target image along a level set.
+
+Balasubramanian, Sriramanan, Sadasivan & Feizi, "Exploring Geometry of Blind Spots in Vision
+Models" (NeurIPS 2023). Starting at a source image x_s of class j, each iteration
+
+    dx      = x_t - x
+    g       = grad_x CE(f(x), j)
+    dx_perp = eta * (dx - (g . dx / |g|^2) g)          # a step along the level set: g . dx_perp = 0
+    x_par   = clip(x_par - eps * g, -eps, eps)          # accumulated correction that *descends*
+                                                        # the CE of class j (raises its confidence)
+    x_new   = clip(x + dx_perp + x_par, bounds)
+
+keeps ``x_new`` while p_j(x_s) - p_j(x_new) <= delta, and otherwise stops and keeps x (the pair
+is frozen for good, as in the paper's algorithm). Every pair is independent: the loss is a sum
+of per-example cross-entropies (the reference code's batch mean would scale each example's
+correction ``eps * g`` by 1/batch size), and frozen pairs leave the batch.
+
+Cost: one forward and one backward pass per iteration. The forward pass at x_new serves both
+the confidence check and, when x_new is kept, the gradient of the next iteration.
+
+On the size of eps: x_par is added at *every* iteration, so once it saturates at +-eps (the
+gradients of small models are large per pixel) it drifts the iterate by eps per pixel per
+iteration, which the pull eta * (x_t - x) balances at a distance of about eps / eta per pixel:
+0.2 for the defaults, far from the target. In the reference code the correction was negligible
+(a batch-mean CE over 196 ImageNet images, tiny per-pixel gradients), so its outputs end near the
+target. On the small reference models an eps 100x smaller (2e-5) keeps most pairs from stopping
+while ending close to the target; see ``benchmarks/results/lst.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advbench.access import WhiteBoxModel
+from advbench.attacks.base import frozen, rand_like
+from advbench.errors import ConfigError, ModelOutputError
+from advbench.registry import TRAVERSALS
+
+
+@dataclass(frozen=True)
+class LSTResult:
+    """What a traversal produced; tensors have the pairs as first dimension.
+
+    ``iterations`` counts the accepted steps of each pair; ``stopped`` says the confidence check
+    ended it before the last iteration. ``confidence`` is the source-class confidence of the kept
+    iterate after every iteration (column 0: the start), so a frozen pair's row stays flat.
+    ``path`` (pairs x len(path_steps) x C x H x W) holds the kept iterates at ``path_steps``
+    when the traversal was asked to record them, else None.
+    """
+
+    x_lst: torch.Tensor
+    label: torch.Tensor
+    p_src: torch.Tensor
+    p_final: torch.Tensor
+    iterations: torch.Tensor
+    stopped: torch.Tensor
+    confidence: torch.Tensor
+    path: torch.Tensor | None
+    path_steps: tuple[int, ...]
+    n_forward: int
+    n_backward: int
+    traversal: str
+    params: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None
+
+    @property
+    def within_delta(self) -> torch.Tensor:
+        """Whether each output keeps its source-class confidence within ``delta`` of p_src."""
+        return (self.p_src - self.p_final) <= self.params["delta"] + 1e-6
+
+
+def _number(value: Any, what: str, *, low: float, high: float = math.inf, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{what} must be a finite number, got {value!r}")
+    if value < low or value > high or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"{what} must lie in {bracket}{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+def _whole(value: Any, what: str, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{what} must be a whole number >= {low}, got {value!r}")
+    return value
+
+
+@TRAVERSALS.register(
+    "lst", description="Level Set Traversal (Balasubramanian et al. 2023): source -> target at constant confidence"
+)
+class LevelSetTraversal:
+    """Level Set Traversal with the reference implementation's defaults (see the module docstring).
+
+    Keyword-only parameters: ``step_size`` (eta, the fraction of the orthogonal part of x_t - x
+    taken per iteration), ``iterations``, ``delta`` (the largest confidence drop allowed),
+    ``adv_step`` (eps of the correction x_par; 0 turns it off), ``init_noise`` (width of uniform
+    noise added to the start, from the generator; the reference code uses 4/255, the paper's
+    algorithm none), ``bounds`` (the image box) and ``path_every`` (record the iterate every so
+    many iterations; None records no images).
+    """
+
+    name: ClassVar[str] = "lst"
+
+    def __init__(
+        self,
+        *,
+        step_size: float = 1e-2,
+        iterations: int = 400,
+        delta: float = 0.2,
+        adv_step: float = 2e-3,
+        init_noise: float = 0.0,
+        bounds: tuple[float, float] = (0.0, 1.0),
+        path_every: int | None = None,
+    ) -> None:
+        self.step_size = _number(step_size, "step_size", low=0.0, high=1.0, low_open=True)
+        self.iterations = _whole(iterations, "iterations", low=1)
+        self.delta = _number(delta, "delta", low=0.0, high=1.0)
+        self.adv_step = _number(adv_step, "adv_step", low=0.0)
+        self.init_noise = _number(init_noise, "init_noise", low=0.0)
+        if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+            raise ConfigError(f"bounds must be a pair (low, high), got {bounds!r}")
+        lo = _number(bounds[0], "bounds[0]", low=-math.inf)
+        hi = _number(bounds[1], "bounds[1]", low=-math.inf)
+        if not lo < hi:
+            raise ConfigError(f"bounds must have low < high, got {bounds!r}")
+        self.bounds = (lo, hi)
+        self.path_every = None if path_every is None else _whole(path_every, "path_every", low=1)
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "step_size": self.step_size, "iterations": self.iterations, "delta": self.delta,
+            "adv_step": self.adv_step, "init_noise": self.init_noise, "bounds": list(self.bounds),
+            "path_every": self.path_every,
+        }
+
+    def __repr__(self) -> str:
+        return f"LevelSetTraversal({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
+
+    # ------------------------------------------------------------------ running
+    def __call__(
+        self,
+        model: nn.Module,
+        source: torch.Tensor,
+        target: torch.Tensor,
+        label: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> LSTResult:
+        """Traverse from each ``source`` toward its ``target``, keeping class ``label`` (default: f's prediction)."""
+        self._check_inputs(source, target, label)
+        if self.init_noise > 0 and generator is None:
+            raise ConfigError("init_noise > 0 draws random noise: pass generator=torch.Generator().manual_seed(...)")
+        counted = WhiteBoxModel(model)
+        with frozen(model):
+            with torch.no_grad():
+                logits = _logits(counted, source)
+                if label is None:
+                    label = logits.argmax(dim=1)
+                label = label.to(source.device)
+                p_src = logits.softmax(dim=1).gather(1, label[:, None]).squeeze(1)
+            x = source.detach().clone()
+            if self.init_noise > 0:
+                x = (x + (rand_like(x, generator) - 0.5) * self.init_noise).clamp_(*self.bounds)
+            with torch.enable_grad():
+                out = self._traverse(counted, x, target.detach(), label, p_src)
+        return LSTResult(
+            **out,
+            label=label,
+            p_src=p_src,
+            n_forward=counted.n_forward,
+            n_backward=counted.n_backward,
+            traversal=self.name,
+            params=self.params(),
+            seed=generator.initial_seed() if generator is not None and self.init_noise > 0 else None,
+        )
+
+    def _traverse(
+        self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, label: torch.Tensor, p_src: torch.Tensor
+    ) -> dict[str, Any]:
+        n = x.shape[0]
+        conf, grad = _confidence_and_grad(model, x, label)
+        x_par = torch.zeros_like(x)
+        active = torch.ones(n, dtype=torch.bool, device=x.device)
+        stopped = torch.zeros(n, dtype=torch.bool, device=x.device)
+        accepted = torch.zeros(n, dtype=torch.long, device=x.device)
+        trace = torch.empty(n, self.iterations + 1, dtype=conf.dtype, device=x.device)
+        trace[:, 0] = conf
+        steps = self._path_steps()
+        path = [x.clone()] if steps else []
+        record = set(steps[1:])
+        for it in range(self.iterations):
+            idx = active.nonzero().squeeze(1)
+            if idx.numel() == 0:
+                trace[:, it + 1 :] = conf[:, None]
+                break
+            x_new, par_new = self.step(x[idx], grad[idx], target[idx], x_par[idx])
+            need_grad = it + 1 < self.iterations
+            conf_new, grad_new = _confidence_and_grad(model, x_new, label[idx], need_grad=need_grad)
+            ok = (p_src[idx] - conf_new) <= self.delta
+            keep, drop = idx[ok], idx[~ok]
+            x[keep] = x_new[ok]
+            x_par[keep] = par_new[ok]
+            conf[keep] = conf_new[ok]
+            if need_grad:
+                grad[keep] = grad_new[ok]
+            accepted[keep] += 1
+            stopped[drop] = True
+            active[drop] = False
+            trace[:, it + 1] = conf
+            if it + 1 in record:
+                path.append(x.clone())
+        if steps and len(path) < len(steps):  # ended early: the iterates no longer change
+            path.extend(x.clone() for _ in range(len(steps) - len(path)))
+        return {
+            "x_lst": x.detach(),
+            "p_final": conf.detach(),
+            "iterations": accepted,
+            "stopped": stopped,
+            "confidence": trace.detach(),
+            "path": torch.stack(path, dim=1).detach() if steps else None,
+            "path_steps": tuple(steps),
+        }
+
+    def step(
+        self, x: torch.Tensor, grad: torch.Tensor, target: torch.Tensor, x_par: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One LST update for a batch: ``(x_new, x_par_new)`` from the iterate, its CE gradient and the target."""
+        dx_perp = self.step_size * orthogonal_part(target - x, grad)
+        x_par = (x_par - self.adv_step * grad).clamp(-self.adv_step, self.adv_step)
+        x_new = (x + dx_perp + x_par).clamp(*self.bounds)
+        return x_new, x_par
+
+    def _path_steps(self) -> list[int]:
+        if self.path_every is None:
+            return []
+        steps = list(range(0, self.iterations + 1, self.path_every))
+        if steps[-1] != self.iterations:
+            steps.append(self.iterations)
+        return steps
+
+    def _check_inputs(self, source: torch.Tensor, target: torch.Tensor, label: torch.Tensor | None) -> None:
+        for what, t in (("source", source), ("target", target)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ConfigError(f"{what} images must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
+            if t.dim() < 2 or t.shape[0] == 0:
+                raise ConfigError(f"{what} images must be a non-empty batch (N, ...), got shape {tuple(t.shape)}")
+            if not bool(torch.isfinite(t).all()):
+                raise ConfigError(f"{what} images contain NaN or infinite values")
+            lo, hi = self.bounds
+            if bool((t < lo).any() or (t > hi).any()):
+                raise ConfigError(f"{what} images lie outside the bounds [{lo:g}, {hi:g}]; normalize inside the model")
+        if source.shape != target.shape:
+            raise ConfigError(f"source and target must have the same shape, got {tuple(source.shape)} and {tuple(target.shape)}")
+        if label is not None and (
+            not isinstance(label, torch.Tensor) or label.dtype not in (torch.int64, torch.int32)
+            or label.shape != source.shape[:1]
+        ):
+            raise ConfigError(f"labels must be an integer tensor of shape ({source.shape[0]},), got {getattr(label, 'shape', label)}")
+
+
+# ---------------------------------------------------------------------- helpers
+def orthogonal_part(v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``v - (g . v / |g|^2) g`` per example: the part of ``v`` orthogonal to ``g`` (``v`` where g = 0).
+
+    Computed with the unit vector g / |g|, after scaling g by its largest entry, so that a tiny
+    gradient (a saturated softmax gives entries of 1e-30) neither underflows nor divides by zero.
+    """
+    flat_g = g.reshape(g.shape[0], -1)
+    scale = flat_g.abs().amax(dim=1, keepdim=True)
+    nonzero = scale > 0
+    scaled = flat_g / torch.where(nonzero, scale, torch.ones_like(scale))
+    unit = scaled / torch.where(nonzero, scaled.norm(dim=1, keepdim=True), torch.ones_like(scale))
+    flat_v = v.reshape(v.shape[0], -1)
+    coef = (unit * flat_v).sum(dim=1, keepdim=True)
+    return (flat_v - coef * unit).reshape(v.shape)
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelOutputError(f"the model must return logits of shape (N, classes); got {shape} for N={x.shape[0]}")
+    if not bool(torch.isfinite(out).all()):
+        raise ModelOutputError("the model returned NaN or infinite logits")
+    return out
+
+
+def _confidence_and_grad(
+    model: nn.Module, x: torch.Tensor, label: torch.Tensor, *, need_grad: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Softmax confidence of ``label`` at ``x`` and, if asked, grad_x of the summed per-example CE."""
+    if not need_grad:
+        with torch.no_grad():
+            logits = _logits(model, x)
+        return logits.softmax(dim=1).gather(1, label[:, None]).squeeze(1), None
+    x = x.detach().requires_grad_(True)
+    logits = _logits(model, x)
+    loss = F.cross_entropy(logits, label, reduction="sum")  # a sum: each example's gradient is its own
+    (grad,) = torch.autograd.grad(loss, x)
+    conf = logits.detach().softmax(dim=1).gather(1, label[:, None]).squeeze(1)
+    return conf, grad.detach()
