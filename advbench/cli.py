@@ -1,7 +1,7 @@
 """The ``advbench`` command line.
 
     advbench evaluate [CONFIG.yaml] [--out DIR] [--save-adversarial] [--device D]
-    advbench list attacks|defenses|models|datasets [PATTERN]
+    advbench list attacks|defenses|models|datasets|traversals [PATTERN]
     advbench config            # print the embedded default config
     advbench blindspots [CONFIG.yaml] [--out DIR]   # Level Set Traversal blind-spot analysis
 

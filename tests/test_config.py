@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from advbench.config import load_config, parse_config
@@ -103,3 +105,14 @@ def test_same_attack_twice_gets_distinct_labels():
     assert c.attack_labels() == ["pgd-ce", "pgd-cw"]
     with pytest.raises(ConfigError, match="attack names must be unique.*distinct 'label'"):
         parse_config(_cfg(attacks=["pgd", "pgd"]))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path):
+    """The example configs in configs/ parse and name only registered things (nothing runs)."""
+    if path.name == "blindspots.yaml":
+        from advbench.blindspots.config import load_blindspot_config
+
+        assert load_blindspot_config(path).sources > 0
+    else:
+        assert load_config(path).attacks
