@@ -14,7 +14,7 @@ import math
 import re
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -82,7 +82,7 @@ class DataSpec(_Strict):
         return self
 
 
-MODEL_SOURCES = ("file", "import", "torchvision", "timm", "robustbench")
+MODEL_SOURCES = ("file", "import", "torchvision", "timm", "robustbench", "trained")
 
 
 class ModelSpec(_Strict):
@@ -94,6 +94,7 @@ class ModelSpec(_Strict):
     torchvision: str | None = None
     timm: str | None = None
     robustbench: str | None = None
+    trained: str | None = None  # a model `advbench train` wrote: <ADVBENCH_CACHE>/trained/<trained>/
     weights: str | None = None
     num_classes: int | None = Field(default=None, ge=2)
     mean: tuple[float, ...] | None = None
@@ -124,17 +125,42 @@ class ModelSpec(_Strict):
 
 
 class DefenseSpec(_Strict):
+    """A registered defense (``jpeg``, ``{name: jpeg, quality: 50}``), or a chain of them given as
+    a YAML list (``[jpeg, {name: randomization, ...}]``): the stages apply in order to the raw
+    input, then the model; the chain is named by its stage names joined with ``+``."""
+
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+    stages: tuple[DefenseSpec, ...] = ()  # a chain's stages (empty for a single defense)
 
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, value: Any) -> Any:
         if isinstance(value, str):
             return {"name": value}
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise ValueError("a defense chain (a list) needs at least one stage")
+            if any(isinstance(s, (list, tuple)) for s in value):
+                raise ValueError("defense chains do not nest: list each stage as a name or a {name: ...} mapping")
+            names = [s if isinstance(s, str) else str(s.get("name", "?")) if isinstance(s, dict) else "?" for s in value]
+            return {"name": "+".join(names), "stages": list(value)}
         if isinstance(value, dict) and "name" in value and "params" not in value:
-            return {"name": value["name"], "params": {k: v for k, v in value.items() if k != "name"}}
+            meta = ("name", "stages")
+            return {**{k: value[k] for k in meta if k in value},
+                    "params": {k: v for k, v in value.items() if k not in meta}}
         return value
+
+    @model_validator(mode="after")
+    def _chain(self) -> DefenseSpec:
+        if self.stages and self.params:
+            raise ValueError(f"defense chain {self.name!r} takes no params of its own; give them to its stages")
+        for s in self.stages:
+            if s.stages:
+                raise ValueError("defense chains do not nest: list each stage as a name or a {name: ...} mapping")
+            if s.name == "none":
+                raise ValueError(f"defense chain {self.name!r}: 'none' cannot be a stage")
+        return self
 
 
 class ThreatSpec(_Strict):
@@ -208,6 +234,17 @@ class BenchmarkConfig(_Strict):
     batch_size: int = Field(default=500, ge=1)
     cascade: bool = False
     amp: bool = False  # mixed precision (bfloat16 autocast) on a GPU; ignored on CPU
+    # adaptive evaluation of defended models (see advbench.eval.jobs and advbench.eval.masking)
+    adaptive: Literal["auto", "off", "only"] = "auto"  # auto: naive and adaptive rows where needed
+    eot_samples: int = Field(default=10, ge=1)  # EoT draws per gradient for randomized models
+    draws: int = Field(default=5, ge=1)  # scoring draws of a randomized deployed model
+    randomized_scoring: Literal["mean", "all"] = "mean"  # robust on average over draws, or in every draw
+    masking_checks: bool = True  # gradient-masking flags, an unbounded probe and gradient checks
+
+    @field_validator("adaptive", mode="before")
+    @classmethod
+    def _adaptive(cls, value: Any) -> Any:  # YAML reads a bare off/on as a boolean
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
 
     @field_validator("device")
     @classmethod
@@ -314,8 +351,9 @@ def load_config(path: str | Path | None = None) -> BenchmarkConfig:
 
 
 def validate_names(config: BenchmarkConfig) -> None:
-    """Resolve every registry name and check each attack against each threat it will meet."""
-    from advbench.registry import ATTACKS, DATASETS, DEFENSES, MODELS
+    """Resolve every registry name (building each defense and chain stage) and check each attack
+    against each threat it will meet."""
+    from advbench.registry import ATTACKS, DATASETS, MODELS
 
     if config.data.name is not None:
         DATASETS.get(config.data.name)
@@ -324,7 +362,7 @@ def validate_names(config: BenchmarkConfig) -> None:
             MODELS.get(m.name)
     for d in config.defenses:
         if d.name != "none":
-            DEFENSES.get(d.name)
+            check_defense(d)
     threats = config.threat_models()
     for spec in config.attacks:
         attack = ATTACKS.create(spec.name, **spec.params)
@@ -344,6 +382,25 @@ def validate_names(config: BenchmarkConfig) -> None:
             if reason:
                 hint = " (list the norms it should run under with 'norms: [...]' in its entry)" if "norm" in reason else ""
                 raise ConfigError(f"{reason} (threat {tm.describe()}){hint}")
+
+
+def check_defense(spec: DefenseSpec) -> list[Any]:
+    """The built stages of a defense entry (one for a single defense), in order.
+
+    A ConfigError (one line) for an unknown name, a bad parameter, or a chain stage that is not
+    an input transformation (only those compose into one defended model)."""
+    from advbench.defenses.base import InputTransform
+    from advbench.registry import DEFENSES
+
+    built = [DEFENSES.create(s.name, **s.params) for s in (spec.stages or (spec,))]
+    if spec.stages:
+        for s, b in zip(spec.stages, built):
+            if not isinstance(b, InputTransform):
+                raise ConfigError(
+                    f"defense chain {spec.name!r}: stage {s.name!r} is not an input transformation "
+                    f"(only InputTransform defenses chain); give it as a defense entry of its own"
+                )
+    return built
 
 
 def attack_threats(config: BenchmarkConfig, spec: AttackSpec) -> list[ThreatModel]:

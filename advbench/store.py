@@ -60,6 +60,8 @@ CREATE TABLE IF NOT EXISTS examples (
     success INTEGER NOT NULL,
     distance REAL,
     min_distance REAL,
+    pred_clean_draws TEXT,
+    pred_adv_draws TEXT,
     PRIMARY KEY (config_hash, job_key, idx)
 );
 CREATE TABLE IF NOT EXISTS adversarial (
@@ -69,6 +71,11 @@ CREATE TABLE IF NOT EXISTS adversarial (
     PRIMARY KEY (config_hash, job_key)
 );
 """
+
+
+#: a randomized deployed model is scored over several draws of its randomness: per example, the
+#: clean and the adversarial prediction in each draw, comma-separated (NULL for deterministic models)
+DRAW_COLUMNS = ("pred_clean_draws", "pred_adv_draws")
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,9 @@ class ResultStore:
         have = {row[1] for row in self._conn.execute("PRAGMA table_info(examples)")}
         if "min_distance" not in have:  # added with the minimal-perturbation attacks
             self._conn.execute("ALTER TABLE examples ADD COLUMN min_distance REAL")
+        for col in DRAW_COLUMNS:  # added with randomized defenses (scored over several draws)
+            if col not in have:
+                self._conn.execute(f"ALTER TABLE examples ADD COLUMN {col} TEXT")
 
     def close(self) -> None:
         self._conn.close()
@@ -157,12 +167,13 @@ class ResultStore:
             )
             cur.executemany(
                 "INSERT INTO examples(config_hash, job_key, idx, label, pred_clean, pred_adv, target, attacked, "
-                "valid, success, distance, min_distance) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "valid, success, distance, min_distance, pred_clean_draws, pred_adv_draws) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (
                         config_hash, rec.job_key, e["idx"], e["label"], e["pred_clean"], e["pred_adv"], e.get("target"),
                         int(e["attacked"]), int(e["valid"]), int(e["success"]), e.get("distance"),
-                        e.get("min_distance"),
+                        e.get("min_distance"), e.get("pred_clean_draws"), e.get("pred_adv_draws"),
                     )
                     for e in rec.examples
                 ],

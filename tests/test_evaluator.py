@@ -48,7 +48,8 @@ def test_table_matches_the_stored_examples(tmp_path):
     assert list(t.attack.unique()) == ["fgsm", "pgd", "worst-case"]
     assert len(t) == 2 * 3
     con = sqlite3.connect(tmp_path / "results.sqlite")
-    ex = pd.read_sql_query("SELECT e.*, j.attack, j.threat_json FROM examples e JOIN jobs j USING (config_hash, job_key)", con)
+    ex = pd.read_sql_query("SELECT e.*, j.attack, j.threat_json FROM examples e JOIN jobs j USING (config_hash, job_key) "
+                           "WHERE j.attack NOT LIKE 'probe:%'", con)  # the masking checks' probe has its own rows
     assert len(ex) == 120 * 2 * 2  # every example once per (attack, eps): nothing lost, nothing doubled
     for (eps, attack), row in t.set_index(["eps", "attack"]).iterrows():
         sub = ex[ex.threat_json.str.contains(f'"eps": {eps}')]
@@ -77,7 +78,7 @@ def test_same_seed_same_numbers(tmp_path):
 def test_rerun_skips_finished_jobs(tmp_path):
     first = evaluate(_config(), tmp_path, progress=False)
     second = evaluate(_config(), tmp_path, progress=False)
-    assert first.jobs_run == 2 * 2 * 3 and second.jobs_run == 0 and second.jobs_skipped == first.jobs_run
+    assert first.jobs_run == 2 * 2 * 3 + 1 and second.jobs_run == 0  # + the masking checks' probe and second.jobs_skipped == first.jobs_run
     pd.testing.assert_frame_equal(_stable(first.table), _stable(second.table))
 
 
@@ -156,7 +157,7 @@ def test_kill_dash_nine_then_resume_gives_the_uninterrupted_table(tmp_path):
     ref = tmp_path / "ref"
     assert _run_cli(["evaluate", str(cfg), "--out", str(ref), "--quiet"], env).wait(timeout=300) == 0
     total = _finished_jobs(ref / "results.sqlite")
-    assert total == 3 * 2 * 12
+    assert total == 3 * 2 * 12 + 1  # + the masking checks' probe (100 examples)
 
     out = tmp_path / "killed"
     db = out / "results.sqlite"
@@ -178,8 +179,8 @@ def test_kill_dash_nine_then_resume_gives_the_uninterrupted_table(tmp_path):
     pd.testing.assert_frame_equal(a, b)
     con = sqlite3.connect(db)
     assert con.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] == total
-    assert con.execute("SELECT COUNT(*) FROM examples").fetchone()[0] == 240 * 3 * 2
-    assert con.execute("SELECT SUM(n) FROM jobs").fetchone()[0] == 240 * 3 * 2
+    assert con.execute("SELECT COUNT(*) FROM examples").fetchone()[0] == 240 * 3 * 2 + 100
+    assert con.execute("SELECT SUM(n) FROM jobs").fetchone()[0] == 240 * 3 * 2 + 100
 
 
 def test_targeted_threat_robust_accuracy_counts_every_misclassification(tmp_path):
@@ -190,7 +191,8 @@ def test_targeted_threat_robust_accuracy_counts_every_misclassification(tmp_path
     res = evaluate(cfg, tmp_path, progress=False)
     row = res.table.iloc[0]
     con = sqlite3.connect(tmp_path / "results.sqlite")
-    ex = pd.read_sql_query("SELECT * FROM examples", con)
+    ex = pd.read_sql_query("SELECT e.* FROM examples e JOIN jobs j USING (config_hash, job_key) "
+                           "WHERE j.attack NOT LIKE 'probe:%'", con)
     correct = ex.pred_clean == ex.label
     hit = ex.success == 1
     still_correct = correct & ((ex.valid == 0) | (ex.pred_adv == ex.label)) & ~hit

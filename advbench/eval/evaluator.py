@@ -5,29 +5,62 @@ skips those already in ``out_dir/results.sqlite`` for the same config hash, runs
 and rebuilds every table from the store. An interrupted run (even ``kill -9``) rerun with the
 same config gives exactly the table an uninterrupted run gives: each job is written in one
 transaction, and each job's seed depends only on its content, not on what ran before.
+
+Defended models. A model behind a non-differentiable or randomized defense stage (a JPEG, a
+quantizer, random resizing, a trained thermometer model) is attacked by every white-box attack
+twice with ``adaptive: auto`` (the default): naively (label ``pgd``: the deployed model's own
+gradients) and adaptively (label ``pgd+bpda``, ``pgd+eot`` or ``pgd+bpda+eot``: BPDA through the
+stages' surrogates, EoT over ``eot_samples`` draws); ``off`` runs the naive rows only, ``only``
+the adaptive ones. Both are audited and scored on the deployed model, and the worst case counts
+both. Score- and decision-based attacks see the deployed model only. A randomized model is
+scored over ``draws`` draws (``randomized_scoring``: ``mean`` or ``all``, see tables).
+
+With ``masking_checks`` (default on) the run adds the large-eps probe jobs, measures gradients
+and outputs of each attacked view, fills the table's ``flags`` column and writes masking.json
+(:mod:`advbench.eval.masking`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import itertools
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
-from advbench.config import BenchmarkConfig, attack_threats
-from advbench.eval.jobs import InProcessExecutor, Job, Worker
+from advbench.config import BenchmarkConfig, DefenseSpec, ModelSpec, attack_threats
+from advbench.defenses.base import find_defended
+from advbench.eval.jobs import InProcessExecutor, Job, ModelTags, Worker
+from advbench.eval.masking import (
+    GRAD_EXAMPLES,
+    PROBE_EXAMPLES,
+    PROBE_PREFIX,
+    AttackInfo,
+    Finding,
+    flags_column,
+    format_findings,
+    gradient_findings,
+    gradient_stats,
+    probe_eps,
+    table_findings,
+)
+from advbench.eval.masking import report as masking_report
 from advbench.eval.provenance import device_info, resolve_device, timestamp, versions
 from advbench.eval.resolve import load_data
 from advbench.eval.tables import robust_accuracy_matrix, robust_accuracy_table
 from advbench.store import ResultStore
-from advbench.threat import ThreatModel
+from advbench.threat import Knowledge, ThreatModel
 
 DB_NAME = "results.sqlite"
 
@@ -40,43 +73,154 @@ class EvaluationResult:
     config_hash: str
     jobs_run: int
     jobs_skipped: int
+    masking: dict[str, Any] = field(default_factory=dict)  # the content of masking.json
+
+    @property
+    def masking_lines(self) -> str:
+        """The gradient-masking flags, one line each (empty when there is none)."""
+        return masking_lines(self.masking)
 
 
-def plan_jobs(config: BenchmarkConfig, indices: np.ndarray, save_adversarial: bool = False) -> list[Job]:
-    """All jobs of a config, in a fixed order: models, defenses, threat models (grouped by all
-    but eps), attacks, then shards and eps. A minimal-perturbation attack's jobs at the eps of one
-    group come one after another for each shard, so the worker runs the attack once and re-audits
-    its result at each eps."""
-    from advbench.registry import ATTACKS
+Tags = Callable[[dict[str, Any], dict[str, Any]], ModelTags]
 
-    data = config.data.model_dump(mode="json")
-    shards = [tuple(int(i) for i in indices[s : s + config.batch_size]) for s in range(0, len(indices), config.batch_size)]
+
+def _threat_groups(config: BenchmarkConfig) -> list[list[ThreatModel]]:
+    """The config's threat models grouped by everything but eps (an eps sweep per group)."""
     groups: dict[str, list[ThreatModel]] = {}
     for threat in config.threat_models():
         groups.setdefault(json.dumps({k: v for k, v in threat.to_dict().items() if k != "eps"}, sort_keys=True), []).append(threat)
+    return list(groups.values())
+
+
+def _loading_tags(config: BenchmarkConfig) -> Tags:
+    """Tags found by loading each (model, defense) once (when no worker is at hand)."""
+    from advbench.eval.resolve import apply_defense, load_model
+
+    cache: dict[str, ModelTags] = {}
+
+    def tags(mspec: dict[str, Any], dspec: dict[str, Any]) -> ModelTags:
+        key = json.dumps([mspec, dspec], sort_keys=True)
+        if key not in cache:
+            cache[key] = ModelTags.of(apply_defense(load_model(mspec), dspec, seed=config.seed))
+        return cache[key]
+
+    return tags
+
+
+def attack_views(config: BenchmarkConfig, tags: ModelTags) -> list[tuple[str, dict[str, Any] | None]]:
+    """The views a white-box attack gets of a model, as (label suffix, adaptive spec or None):
+    the deployed model (naive) and/or its adaptive view, per ``config.adaptive``."""
+    if not tags.needs_adaptive or config.adaptive == "off":
+        return [("", None)]
+    view = (tags.suffix, {"bpda": True, "eot_samples": config.eot_samples if tags.randomized else 1})
+    return [view] if config.adaptive == "only" else [("", None), view]
+
+
+def _cells(config: BenchmarkConfig, tags: Tags) -> Iterator[tuple[dict[str, Any], dict[str, Any], ModelTags,
+                                                                   list[ThreatModel]]]:
+    """(model spec, defense spec, their tags, a threat group) in config order."""
+    groups = _threat_groups(config)
+    for model in config.models:
+        mspec = model_spec(model)
+        for defense in config.defenses:
+            dspec = defense_spec(defense)
+            mtags = tags(mspec, dspec)
+            for threats in groups:
+                yield mspec, dspec, mtags, threats
+
+
+def model_spec(model: ModelSpec) -> dict[str, Any]:
+    """A model entry as jobs carry it. A trained model's entry names the training that made it
+    (its card's config hash and date), so retraining under the same name invalidates stored
+    results instead of resuming them; entries without ``trained`` keep their earlier keys."""
+    spec = model.model_dump(mode="json", by_alias=True)
+    if spec.get("trained") is None:
+        spec.pop("trained", None)
+    else:
+        from advbench.training import read_card
+
+        card = read_card(spec["trained"])
+        if card is not None:
+            spec["trained_card"] = f"{card.get('config_hash')}@{card.get('created')}"
+    return spec
+
+
+def defense_spec(defense: DefenseSpec) -> dict[str, Any]:
+    """A defense entry as jobs carry it (a single defense without the empty ``stages``)."""
+    return defense.model_dump(mode="json", exclude=None if defense.stages else {"stages"})
+
+
+def _attack_spec(name: str, params: dict[str, Any], label: str, view: dict[str, Any] | None,
+                 **extra: Any) -> dict[str, Any]:
+    return {"name": name, "params": params, "label": label, **({"adaptive": view} if view else {}), **extra}
+
+
+def attack_order(config: BenchmarkConfig) -> list[str]:
+    """Attack labels in table order: each config entry, then its adaptive variants."""
+    return [label + suffix for label in config.attack_labels() for suffix in ("", "+bpda", "+eot", "+bpda+eot")]
+
+
+def plan_jobs(config: BenchmarkConfig, indices: np.ndarray, save_adversarial: bool = False,
+              tags: Tags | None = None) -> list[Job]:
+    """All jobs of a config, in a fixed order: models, defenses, threat models (grouped by all
+    but eps), attacks (each white-box attack on a model that needs it naive, then adaptive), then
+    shards and eps. A minimal-perturbation attack's jobs at the eps of one group come one after
+    another for each shard, so the worker runs the attack once and re-audits its result at each
+    eps. ``tags`` tells what each (model, defense) is (default: load them to find out)."""
+    from advbench.registry import ATTACKS
+
+    tags = tags or _loading_tags(config)
+    data = config.data.model_dump(mode="json")
+    shards = [tuple(int(i) for i in indices[s : s + config.batch_size]) for s in range(0, len(indices), config.batch_size)]
     labels = config.attack_labels()
     jobs: list[Job] = []
-    for model in config.models:
-        mspec = model.model_dump(mode="json", by_alias=True)
-        for defense in config.defenses:
-            dspec = defense.model_dump(mode="json")
-            for threats in groups.values():
-                earlier: dict[tuple[int, ThreatModel], list[str]] = {}
-                for attack, label in zip(config.attacks, labels):
-                    aspec: dict[str, Any] = {"name": attack.name, "params": attack.params, "label": label}
-                    minimal = bool(getattr(ATTACKS.create(attack.name, **attack.params), "minimal", False))
-                    if minimal:
-                        aspec["minimal"] = True
-                    allowed = attack_threats(config, attack)
-                    planned = [t for t in threats if t in allowed]
-                    order = ([(s, t) for s in range(len(shards)) for t in planned] if minimal
-                             else [(s, t) for t in planned for s in range(len(shards))])
-                    for s, threat in order:
-                        after = tuple(earlier.get((s, threat), [])) if config.cascade else ()
-                        job = Job(data, mspec, dspec, threat.to_dict(), aspec, s, shards[s], config.seed, after,
-                                  save_adversarial)
-                        earlier.setdefault((s, threat), []).append(job.key)
-                        jobs.append(job)
+    for mspec, dspec, mtags, threats in _cells(config, tags):
+        draws = config.draws if mtags.randomized else 1
+        views = attack_views(config, mtags) if threats[0].knowledge is Knowledge.WHITE_BOX else [("", None)]
+        earlier: dict[tuple[int, ThreatModel], list[str]] = {}
+        for (attack, label), (suffix, view) in itertools.product(zip(config.attacks, labels), views):
+            minimal = bool(getattr(ATTACKS.create(attack.name, **attack.params), "minimal", False))
+            aspec = _attack_spec(attack.name, attack.params, label + suffix, view, **({"minimal": True} if minimal else {}))
+            allowed = attack_threats(config, attack)
+            planned = [t for t in threats if t in allowed]
+            order = ([(s, t) for s in range(len(shards)) for t in planned] if minimal
+                     else [(s, t) for t in planned for s in range(len(shards))])
+            for s, threat in order:
+                after = tuple(earlier.get((s, threat), [])) if config.cascade else ()
+                job = Job(data, mspec, dspec, threat.to_dict(), aspec, s, shards[s], config.seed, after,
+                          save_adversarial, draws)
+                earlier.setdefault((s, threat), []).append(job.key)
+                jobs.append(job)
+    return jobs
+
+
+def plan_probes(config: BenchmarkConfig, indices: np.ndarray, input_numel: int, tags: Tags | None = None) -> list[Job]:
+    """The large-eps probes of the gradient-masking checks (none when they are off): per model,
+    defense, white-box threat group and view, PGD (the config's first PGD entry's parameters,
+    its step size left to scale with eps; else PGD's defaults) at an eps whose ball covers the
+    whole input range, on the first ``PROBE_EXAMPLES`` examples. Labels ``probe:pgd[+view]``."""
+    from advbench.registry import ATTACKS
+
+    if not config.masking_checks:
+        return []
+    tags = tags or _loading_tags(config)
+    pgd = next((a for a in config.attacks if a.name == "pgd"), None)
+    params = {k: v for k, v in (pgd.params if pgd else {}).items() if k != "step_size"}
+    attack = ATTACKS.create("pgd", **params)
+    data = config.data.model_dump(mode="json")
+    subset = tuple(int(i) for i in indices[:PROBE_EXAMPLES])
+    jobs: list[Job] = []
+    for mspec, dspec, mtags, threats in _cells(config, tags):
+        eps = probe_eps(threats[0].norm.value, threats[0].bounds, input_numel)
+        if threats[0].knowledge is not Knowledge.WHITE_BOX or eps is None:
+            continue
+        threat = dataclasses.replace(threats[0], eps=eps)
+        if attack.supports(threat):
+            continue
+        for suffix, view in attack_views(config, mtags):
+            aspec = _attack_spec("pgd", params, f"{PROBE_PREFIX}pgd{suffix}", view, probe=True)
+            jobs.append(Job(data, mspec, dspec, threat.to_dict(), aspec, -1, subset, config.seed,
+                            draws=config.draws if mtags.randomized else 1))
     return jobs
 
 
@@ -88,7 +232,9 @@ def evaluate(
     progress: bool | None = None,
     config_source: str | None = None,
 ) -> EvaluationResult:
-    """Run (or resume) ``config``; write results.csv, results.json, run.json into ``out_dir``."""
+    """Run (or resume) ``config``; write results.csv, results.json, matrix.csv, masking.json and
+    run.json into ``out_dir``. Unless ``progress`` is False, gradient-masking flags are also
+    printed to stderr, one line each."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
@@ -98,17 +244,19 @@ def evaluate(
 
     data = load_data(config.data.model_dump(mode="json"))
     indices = data.sample_indices(config.data.n, config.seed).numpy()
-    jobs = plan_jobs(config, indices, save_adversarial)
 
     with ResultStore(out / DB_NAME) as store:
         store.register_run(config_hash, config.canonical())
+        worker = Worker(device, robust_lookup=lambda keys: store.robust_mask(config_hash, keys), amp=config.amp)
+        worker.preload_data(config.data.model_dump(mode="json"), data)
+        tags = functools.partial(worker.tags, seed=config.seed)
+        jobs = plan_jobs(config, indices, save_adversarial, tags=tags)
+        jobs += plan_probes(config, indices, int(data.x[0].numel()), tags=tags)
         finished = store.finished_keys(config_hash)
         todo = [
             j for j in jobs
             if j.key not in finished or (save_adversarial and not store.has_adversarial(config_hash, j.key))
         ]
-        worker = Worker(device, robust_lookup=lambda keys: store.robust_mask(config_hash, keys), amp=config.amp)
-        worker.preload_data(config.data.model_dump(mode="json"), data)
         show = sys.stderr.isatty() if progress is None else progress
         bar = tqdm(total=len(todo), disable=not show, desc="advbench", unit="job", dynamic_ncols=True)
         try:
@@ -118,9 +266,10 @@ def evaluate(
                 bar.update(1)
         finally:
             bar.close()
-        table, matrix = build_tables(store, config)
+        gradients = gradient_checks(worker, config, jobs, data, indices) if config.masking_checks else ([], [])
+        table, matrix, masking = build_tables(store, config, jobs, *gradients)
         if save_adversarial:
-            _write_adversarial(store, config_hash, jobs, out / "adversarial")
+            _write_adversarial(store, config_hash, [j for j in jobs if not j.probe], out / "adversarial")
 
     provenance = {
         "advbench_run": 1,
@@ -135,23 +284,84 @@ def evaluate(
         "started": started,
         "finished": timestamp(),
         "seconds": round(time.perf_counter() - t0, 3),
-        "jobs": {"total": len(jobs), "run": len(todo), "skipped": len(jobs) - len(todo)},
+        "jobs": {"total": len(jobs), "run": len(todo), "skipped": len(jobs) - len(todo),
+                 "probes": sum(j.probe for j in jobs)},
         "command": " ".join(sys.argv),
         "model_cards": _model_cards(config),
+        "defended_models": _defended_models(worker, config),
     }
     write_outputs(out, table, matrix, provenance)
-    return EvaluationResult(table, matrix, out, config_hash, len(todo), len(jobs) - len(todo))
+    _atomic_write(out / "masking.json", json.dumps(masking, indent=1, default=str))
+    lines = masking_lines(masking)
+    if lines and progress is not False:
+        print(lines, file=sys.stderr)
+    return EvaluationResult(table, matrix, out, config_hash, len(todo), len(jobs) - len(todo), masking)
 
 
-def build_tables(store: ResultStore, config: BenchmarkConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+def gradient_checks(worker: Worker, config: BenchmarkConfig, jobs: list[Job], data: Any,
+                    indices: np.ndarray) -> tuple[list[Finding], list[dict[str, Any]]]:
+    """The gradient and output checks of every (model, defense, view) a white-box attack saw,
+    on the first ``GRAD_EXAMPLES`` evaluated examples (a randomized model reseeded first)."""
+    idx = torch.as_tensor(indices[:GRAD_EXAMPLES], dtype=torch.long)
+    x, y = data.x[idx].to(worker.device), data.y[idx].to(worker.device)
+    views: dict[tuple[str, str, str], Job] = {}
+    labels: dict[tuple[str, ...], list[str]] = {}
+    for j in jobs:
+        if j.probe:
+            continue
+        m, d = j.model["name"], j.defense["name"]
+        labels.setdefault((m, d), []).append(j.attack_label)
+        if j.threat["knowledge"] == Knowledge.WHITE_BOX.value:
+            key = (m, d, json.dumps(j.attack.get("adaptive"), sort_keys=True))
+            views.setdefault(key, j)
+            labels.setdefault(key, []).append(j.attack_label)
+    findings: list[Finding] = []
+    records: list[dict[str, Any]] = []
+    for key, job in views.items():
+        model = worker.view(job)
+        defended = find_defended(model)
+        randomized = defended is not None and defended.randomized
+        if randomized:
+            defended.reseed(config.seed)
+        stats = gradient_stats(model, x, y, deterministic=not randomized)
+        view = "adaptive" if job.attack.get("adaptive") else "naive"
+        where = {"model": key[0], "defense": key[1], "attack": list(dict.fromkeys(labels[key])),
+                 "knowledge": Knowledge.WHITE_BOX.value}
+        where_all = {"model": key[0], "defense": key[1], "attack": list(dict.fromkeys(labels[key[:2]]))}
+        findings += gradient_findings(stats, where, where_all, view=view)
+        records.append({"model": key[0], "defense": key[1], "view": view, **stats.to_dict()})
+    return findings, records
+
+
+def build_tables(store: ResultStore, config: BenchmarkConfig, jobs: list[Job] | None = None,
+                 gradient_found: list[Finding] | None = None, gradient_records: list[dict[str, Any]] | None = None,
+                 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """The results table (with its ``flags``), the matrix and the masking report, from the store."""
     config_hash = config.hash()
     order = {
         "models": [m.name for m in config.models],
         "defenses": [d.name for d in config.defenses],
-        "attacks": config.attack_labels(),
+        "attacks": attack_order(config),
     }
-    table = robust_accuracy_table(store.examples(config_hash), store.jobs(config_hash), order, cascade=config.cascade)
-    return table, robust_accuracy_matrix(table, order["attacks"])
+    examples, stored = store.examples(config_hash), store.jobs(config_hash)
+    probe_ex, probe_jobs = examples.attack.str.startswith(PROBE_PREFIX), stored.attack.str.startswith(PROBE_PREFIX)
+    scoring = config.randomized_scoring
+    table = robust_accuracy_table(examples[~probe_ex], stored[~probe_jobs], order, cascade=config.cascade,
+                                  scoring=scoring)
+    if not config.masking_checks:
+        return table, robust_accuracy_matrix(table, order["attacks"]), masking_report([], None, [], enabled=False)
+    probes = robust_accuracy_table(examples[probe_ex], stored[probe_jobs], order, scoring=scoring)
+    info = {j.attack_label: AttackInfo(j.attack["name"], "adaptive" if j.attack.get("adaptive") else "naive",
+                                       j.minimal) for j in jobs or []}
+    findings = table_findings(table, probes, info) + list(gradient_found or [])
+    table["flags"] = flags_column(table, findings)
+    return table, robust_accuracy_matrix(table, order["attacks"]), masking_report(findings, probes,
+                                                                                   gradient_records or [])
+
+
+def masking_lines(masking: dict[str, Any]) -> str:
+    """The printed form of a masking report: one line per flag (empty when there is none)."""
+    return format_findings([Finding(f["code"], f["seen"], f["where"]) for f in masking.get("findings", [])])
 
 
 def write_outputs(out: Path, table: pd.DataFrame, matrix: pd.DataFrame, provenance: dict[str, Any]) -> None:
@@ -205,4 +415,20 @@ def _model_cards(config: BenchmarkConfig) -> dict[str, Any]:
                 cards[m.name] = model_card(m.name)
             except Exception:  # noqa: BLE001 - a model outside the zoo has no card
                 pass
+        elif m.trained is not None:
+            from advbench.training import read_card
+
+            cards[m.name] = read_card(m.trained)
     return cards
+
+
+def _defended_models(worker: Worker, config: BenchmarkConfig) -> dict[str, Any]:
+    """Provenance of each defended (model, defense): its stages, tags and the seed of its randomness."""
+    out: dict[str, Any] = {}
+    for m in config.models:
+        for d in config.defenses:
+            defended = find_defended(worker.model(model_spec(m), defense_spec(d), config.seed))
+            if defended is not None:
+                out[f"{m.name} / {d.name}"] = {"stages": defended.describe(), "differentiable": defended.differentiable,
+                                               "randomized": defended.randomized, "seed": config.seed}
+    return out

@@ -7,10 +7,23 @@ every run. A :class:`Worker` turns jobs into :class:`~advbench.store.JobRecord` 
 loaded data and models between jobs. Jobs run in-process today (:class:`InProcessExecutor`);
 a distributed engine only needs to ship ``Job.to_json()`` to workers that call
 ``Worker(device).run(job)`` and send the records back.
+
+Defended models (:mod:`advbench.defenses.base`). The attack of a job is handed either the
+deployed model (a *naive* attacker: autograd's own gradients, one draw of any randomness per
+forward pass) or, when the job's attack spec carries ``adaptive`` (``{"bpda": true,
+"eot_samples": n}``), its adaptive view: BPDA through the surrogates of non-differentiable
+stages, EoT over n draws. Whatever the attacker saw, what it produced is audited and scored on
+the *deployed* model. A randomized deployed model is scored over ``Job.draws`` draws of its
+randomness: draw d uses a seed derived from the run seed, the model, the defense and the shard
+(not the attack), with the same randomness for the clean input and the adversarial example,
+and the records keep each draw's clean and adversarial prediction. Before each attack the
+model's generator restarts from the job's seed, so no result depends on which jobs ran before
+(resume gives the same numbers).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -23,9 +36,11 @@ import torch
 from torch import nn
 
 from advbench.attacks.base import Attack, AttackResult
-from advbench.errors import ModelOutputError
+from advbench.audit import audit, predict
+from advbench.defenses.base import DefendedModel, adaptive, find_defended
+from advbench.errors import ConfigError, ModelOutputError
 from advbench.store import JobRecord
-from advbench.threat import ThreatModel
+from advbench.threat import Targeting, ThreatModel
 
 
 def stable_hash(obj: Any, length: int = 20) -> str:
@@ -45,12 +60,20 @@ class Job:
     base_seed: int
     after: tuple[str, ...] = ()  # cascade: keys of earlier jobs whose successes this job skips
     save_adversarial: bool = False
+    draws: int = 1  # scoring draws (> 1 only for a randomized deployed model)
 
     @property
     def key(self) -> str:
+        return stable_hash(self._identity())
+
+    def _identity(self) -> dict[str, Any]:
+        """What the job's key hashes: everything but how its output is kept (and one draw, so a
+        deterministic model's jobs keep the keys, and seeds, they had before draws existed)."""
         d = asdict(self)
         d.pop("save_adversarial")
-        return stable_hash(d)
+        if d["draws"] == 1:
+            d.pop("draws")
+        return d
 
     @property
     def minimal(self) -> bool:
@@ -63,9 +86,8 @@ class Job:
         so its jobs at every eps of one threat model (norm, targeting, ...) share one run."""
         if not self.minimal:
             return self.key
-        d = asdict(self)
-        for k in ("save_adversarial", "after"):
-            d.pop(k)
+        d = self._identity()
+        d.pop("after")
         d["threat"] = {k: v for k, v in d["threat"].items() if k != "eps"}
         return stable_hash(d)
 
@@ -82,6 +104,18 @@ class Job:
     def attack_label(self) -> str:
         return str(self.attack.get("label") or self.attack["name"])
 
+    @property
+    def probe(self) -> bool:
+        """A gradient-masking probe (an almost unbounded attack; reported in masking.json only)."""
+        return bool(self.attack.get("probe"))
+
+    def draw_seeds(self) -> list[int]:
+        """The seed of each scoring draw: the same for every attack and eps of a shard, so the
+        clean predictions agree across rows and attacks are compared on the same draws."""
+        base = {"seed": self.base_seed, "data": self.data, "model": self.model, "defense": self.defense,
+                "shard": self.shard, "indices": stable_hash(self.indices)}
+        return [int(stable_hash({**base, "draw": d}, 15), 16) for d in range(self.draws)]
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
@@ -90,6 +124,30 @@ class Job:
         d = json.loads(s)
         d["indices"], d["after"] = tuple(d["indices"]), tuple(d["after"])
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class ModelTags:
+    """What the evaluator needs to know of a (model, defense) pair to plan its jobs."""
+
+    differentiable: bool = True
+    randomized: bool = False
+
+    @property
+    def needs_adaptive(self) -> bool:
+        return not self.differentiable or self.randomized
+
+    @property
+    def suffix(self) -> str:
+        """The label suffix of an adaptive attack on this model: ``+bpda``, ``+eot`` or both."""
+        return ("" if self.differentiable else "+bpda") + ("+eot" if self.randomized else "")
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelTags:
+        defended = find_defended(model)
+        if defended is None:
+            return cls()
+        return cls(differentiable=defended.differentiable, randomized=defended.randomized)
 
 
 class Worker:
@@ -106,6 +164,7 @@ class Worker:
         self.robust_lookup = robust_lookup
         self._data: dict[str, Any] = {}
         self._models: dict[str, nn.Module] = {}
+        self._views: dict[str, nn.Module] = {}
         self._clean: dict[str, torch.Tensor] = {}
         # the last minimal-perturbation run, reused by the jobs of its other eps (planned next to it)
         self._sweep: tuple[tuple[str, bytes], AttackResult, float] | None = None
@@ -124,25 +183,55 @@ class Worker:
             self._data[key] = (data, data.x.to(self.device), data.y.to(self.device))
         return self._data[key]
 
-    def model(self, model_spec: dict[str, Any], defense_spec: dict[str, Any]) -> nn.Module:
+    def model(self, model_spec: dict[str, Any], defense_spec: dict[str, Any], seed: int = 0) -> nn.Module:
+        """The deployed model: ``model_spec`` behind ``defense_spec``, its randomness seeded by ``seed``."""
         from advbench.eval.resolve import apply_defense, load_model
 
-        key = stable_hash([model_spec, defense_spec])
+        key = stable_hash([model_spec, defense_spec, seed])
         if key not in self._models:
-            model = apply_defense(load_model(model_spec), defense_spec).to(self.device).eval()
-            if self.amp:
-                from advbench.eval.resolve import Autocast
-
-                model = Autocast(model, self.device.type)
-            self._models[key] = model
+            model = apply_defense(load_model(model_spec), defense_spec, seed=seed).to(self.device).eval()
+            self._models[key] = self._autocast(model)
         return self._models[key]
 
+    def tags(self, model_spec: dict[str, Any], defense_spec: dict[str, Any], seed: int = 0) -> ModelTags:
+        return ModelTags.of(self.model(model_spec, defense_spec, seed))
+
+    def view(self, job: Job) -> nn.Module:
+        """The model the job's attack is handed: the deployed model, or its adaptive view."""
+        deployed = self.model(job.model, job.defense, job.base_seed)
+        spec = job.attack.get("adaptive")
+        if not spec:
+            return deployed
+        key = stable_hash([job.model, job.defense, job.base_seed, spec])
+        if key not in self._views:
+            defended = find_defended(deployed)
+            if defended is None:
+                raise ConfigError(f"model {job.model['name']!r} with defense {job.defense['name']!r} has no "
+                                  f"defense stages to attack adaptively")
+            self._views[key] = self._autocast(adaptive(defended, eot_samples=spec["eot_samples"], bpda=spec["bpda"]))
+        return self._views[key]
+
+    def _autocast(self, model: nn.Module) -> nn.Module:
+        if not self.amp:
+            return model
+        from advbench.eval.resolve import Autocast
+
+        return Autocast(model, self.device.type)
+
     def clean_predictions(self, job: Job) -> torch.Tensor:
-        key = stable_hash([job.data, job.model, job.defense])
+        key = stable_hash([job.data, job.model, job.defense, job.base_seed])
         if key not in self._clean:
             data, x, _ = self.data(job.data)
-            model = self.model(job.model, job.defense)
+            model = self.model(job.model, job.defense, job.base_seed)
             self._clean[key] = clean_predictions(model, x, data.num_classes, job.model["name"])
+        return self._clean[key]
+
+    def clean_draws(self, job: Job, deployed: nn.Module, defended: DefendedModel, x: torch.Tensor) -> torch.Tensor:
+        """A randomized model's clean predictions on the job's examples in each scoring draw,
+        (draws, N); the same for every attack and eps of a shard, so computed once."""
+        key = stable_hash([job.model, job.defense, job.indices, job.draw_seeds()])
+        if key not in self._clean:
+            self._clean[key] = torch.stack([predict(deployed, x) for _ in _each_draw(job, defended)])
         return self._clean[key]
 
     # ------------------------------------------------------------------ running
@@ -150,15 +239,23 @@ class Worker:
         from advbench.registry import ATTACKS
 
         data, x_all, y_all = self.data(job.data)
-        model = self.model(job.model, job.defense)
-        pred_clean_all = self.clean_predictions(job)
+        deployed = self.model(job.model, job.defense, job.base_seed)
+        pred_clean_all = self.clean_predictions(job)  # also checks the model returns logits
+        defended = find_defended(deployed)
+        randomized = defended if defended is not None and defended.randomized else None
         start = time.perf_counter()  # the attack's time only: loading and training are not the attack's
         idx = torch.tensor(job.indices, dtype=torch.long, device=self.device)
-        x, y, pred_clean = x_all[idx], y_all[idx], pred_clean_all[idx]
+        x, y = x_all[idx], y_all[idx]
         threat = ThreatModel.from_dict(job.threat)
         attack = ATTACKS.create(job.attack["name"], **job.attack["params"])
 
-        todo = pred_clean == y
+        pc_draws = None
+        if randomized is not None:  # attacked where the clean input is right in at least one draw
+            pc_draws = self.clean_draws(job, deployed, randomized, x)
+            pred_clean, todo = pc_draws[0], (pc_draws == y).any(dim=0)
+        else:
+            pred_clean = pred_clean_all[idx]
+            todo = pred_clean == y
         if job.after and self.robust_lookup is not None:
             still = self.robust_lookup(job.after)
             todo &= torch.tensor([still.get(int(i), True) for i in job.indices], device=self.device)
@@ -175,7 +272,15 @@ class Worker:
         generator = torch.Generator(device="cpu").manual_seed(job.seed)
         if bool(todo.any()):
             sel = todo.nonzero().squeeze(1)
-            result, seconds_run = self._attack(job, attack, model, x[sel], y[sel], sel, threat, generator)
+            view = self.view(job)
+            if randomized is not None:
+                randomized.reseed(job.seed)
+            result, seconds_run = self._attack(job, attack, view, randomized, x[sel], y[sel], sel, threat, generator)
+            if view is not deployed and randomized is None:  # scored on the deployed model, not the attacker's view
+                report = audit(deployed, x[sel], result.x_adv, y[sel], threat, result.target)
+                result = dataclasses.replace(result, valid=report.valid, success=report.success,
+                                             pred_adv=report.pred_adv,
+                                             quantization_failures=int(report.quantization_failures.sum()))
             pred_adv[sel] = result.pred_adv
             valid[sel] = result.valid
             success[sel] = result.success
@@ -187,6 +292,15 @@ class Worker:
                 min_distance[sel] = result.minimal_distances.to(min_distance.dtype)
             n_forward, n_backward, n_queries = result.n_forward, result.n_backward, result.n_queries
             quant = result.quantization_failures
+        pa_draws = None
+        if randomized is not None:  # every draw audits the same examples; success: in any draw
+            target = None if threat.targeting is Targeting.UNTARGETED else target_all
+            reports = [audit(deployed, x, x_adv_all, y, threat, target) for _ in _each_draw(job, randomized)]
+            pa_draws = torch.stack([r.pred_adv for r in reports])
+            valid = reports[0].valid
+            success = torch.stack([r.success for r in reports]).any(dim=0) & todo
+            pred_adv = pa_draws[0]
+            quant = int((torch.stack([r.quantization_failures for r in reports]).any(dim=0) & todo).sum())
         seconds = time.perf_counter() - start
         if seconds_run is not None:
             seconds = seconds_run  # a reused minimal-perturbation run: report what the run cost
@@ -195,6 +309,8 @@ class Worker:
         cols = {k: v.cpu().numpy() for k, v in dict(
             label=y, pred_clean=pred_clean, pred_adv=pred_adv, attacked=todo, valid=valid, success=success,
             distance=distance, min_distance=min_distance, target=target_all).items()}
+        draws = {k: None if v is None else [",".join(str(int(p)) for p in col) for col in v.T.cpu().numpy()]
+                 for k, v in (("pred_clean_draws", pc_draws), ("pred_adv_draws", pa_draws))}
         examples = [
             {
                 "idx": pos[i],
@@ -207,6 +323,7 @@ class Worker:
                 "success": bool(cols["success"][i]),
                 "distance": float(cols["distance"][i]) if np.isfinite(cols["distance"][i]) else None,
                 "min_distance": None if np.isnan(cols["min_distance"][i]) else float(cols["min_distance"][i]),
+                **{k: None if v is None else v[i] for k, v in draws.items()},
             }
             for i in range(n)
         ]
@@ -240,21 +357,35 @@ class Worker:
         )
 
     def _attack(
-        self, job: Job, attack: Attack, model: nn.Module, x: torch.Tensor, y: torch.Tensor, sel: torch.Tensor,
-        threat: ThreatModel, generator: torch.Generator,
+        self, job: Job, attack: Attack, model: nn.Module, randomized: DefendedModel | None, x: torch.Tensor,
+        y: torch.Tensor, sel: torch.Tensor, threat: ThreatModel, generator: torch.Generator,
     ) -> tuple[AttackResult, float | None]:
         """Run the attack, or re-audit the run a minimal-perturbation job shares with its other
-        eps. Returns the result and, when reused, the seconds the shared run took."""
+        eps. Returns the result and, when reused, the seconds the shared run took. On a randomized
+        model every eps (the first too) re-audits the shared run from the job's seed, so the
+        result does not depend on which eps ran first."""
         if not job.minimal:
             return attack(model, x, y, threat, generator=generator), None
         key = (job.sweep_key, sel.cpu().numpy().tobytes())
+        reused: float | None = None
         if self._sweep is not None and self._sweep[0] == key:
-            _, shared, seconds = self._sweep
-            return attack.at_budget(model, x, y, threat, shared), seconds
-        start = time.perf_counter()
-        result = attack(model, x, y, threat, generator=generator)
-        self._sweep = (key, result, time.perf_counter() - start)
-        return result, None
+            reused = self._sweep[2]
+        else:
+            start = time.perf_counter()
+            result = attack(model, x, y, threat, generator=generator)
+            self._sweep = (key, result, time.perf_counter() - start)
+            if randomized is None:
+                return result, None
+        if randomized is not None:
+            randomized.reseed(job.seed)
+        return attack.at_budget(model, x, y, threat, self._sweep[1]), reused
+
+
+def _each_draw(job: Job, defended: DefendedModel) -> Iterator[int]:
+    """Restart ``defended``'s randomness at each of the job's scoring draws in turn."""
+    for seed in job.draw_seeds():
+        defended.reseed(seed)
+        yield seed
 
 
 @torch.no_grad()

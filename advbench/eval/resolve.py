@@ -8,7 +8,7 @@ from torch import nn
 
 from advbench.data.base import ImageData
 from advbench.errors import ConfigError
-from advbench.registry import DATASETS, DEFENSES, MODELS
+from advbench.registry import DATASETS, MODELS
 
 
 def load_data(spec: dict[str, Any]) -> ImageData:
@@ -24,7 +24,8 @@ def load_data(spec: dict[str, Any]) -> ImageData:
 
 
 def load_model(spec: dict[str, Any]) -> nn.Module:
-    """A model from a ModelSpec dump: registry name, saved file, import path, torchvision, timm, robustbench."""
+    """A model from a ModelSpec dump: registry name, saved file, import path, torchvision, timm, robustbench,
+    or a model ``advbench train`` wrote (``trained``)."""
     params = dict(spec.get("params") or {})
     common = {k: spec[k] for k in ("weights", "num_classes") if spec.get(k) is not None}
     norm = {k: tuple(spec[k]) for k in ("mean", "std") if spec.get(k) is not None}
@@ -41,6 +42,10 @@ def load_model(spec: dict[str, Any]) -> nn.Module:
     elif spec.get("robustbench") is not None:
         rb = {k: spec[k] for k in ("dataset", "threat_model", "model_dir") if spec.get(k) is not None}
         model = loaders.load_robustbench(spec["robustbench"], **rb)
+    elif spec.get("trained") is not None:
+        from advbench.training.store import load_trained
+
+        model = load_trained(spec["trained"])
     else:
         model = MODELS.create(spec["name"], **params)
     if not isinstance(model, nn.Module):
@@ -48,11 +53,24 @@ def load_model(spec: dict[str, Any]) -> nn.Module:
     return model
 
 
-def apply_defense(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
-    """Wrap ``model`` with a registered inference-time defense; ``none`` leaves it as it is."""
+def apply_defense(model: nn.Module, spec: dict[str, Any], seed: int = 0) -> nn.Module:
+    """``model`` behind a defense entry (a DefenseSpec dump); ``none`` leaves it as it is.
+
+    Input transformations (one, or a chain's stages in order) become the stages of a
+    :class:`~advbench.defenses.base.DefendedModel` whose randomness is seeded by ``seed`` (the
+    config seed); on a model that is already a DefendedModel (a trained thermometer model) they
+    go in front of its own stages. Any other defense wraps the model through ``apply(model)`` or
+    by being called on it.
+    """
+    from advbench.config import DefenseSpec, check_defense
+    from advbench.defenses.base import DefendedModel, InputTransform
+
     if spec["name"] == "none":
         return model
-    defense = DEFENSES.create(spec["name"], **(spec.get("params") or {}))
+    built = check_defense(DefenseSpec.model_validate(spec))
+    if all(isinstance(b, InputTransform) for b in built):
+        return DefendedModel(built, model, seed=seed)
+    defense = built[0]
     if hasattr(defense, "apply"):
         return defense.apply(model)
     if callable(defense):

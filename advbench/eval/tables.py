@@ -16,6 +16,20 @@ any attack broke it. Definitions (n = evaluated examples):
   same at every eps); ``found_rate`` is the fraction of clean-correct examples where it found one
 - a minimal-perturbation attack runs once per threat model and shard and is re-audited at each
   eps, so its rows at every eps report that one run's seconds and passes
+
+A randomized defended model is scored over several draws of its randomness (the records keep
+each draw's clean and adversarial prediction). Per example and draw: clean-correct, and robust
+= clean-correct and not broken in that draw. ``scoring="mean"``: a point's clean (robust) score
+is the fraction of draws it is clean-correct (robust) in, and the accuracies average the scores;
+``scoring="all"``: a point counts only if it is clean-correct (robust) in every draw. The attack
+success rate is successes / clean-correct over (point, draw) pairs (``mean``), or the share of
+points clean-correct in every draw that the attack broke in some draw (``all``); distances are
+over the points it succeeded on in some draw. The worst case is per draw too: a point survives
+a draw if it survives every attack in that draw. A deterministic model has one draw, where both
+rules are the definitions above.
+
+``flags`` is empty here; the evaluator fills it with the gradient-masking codes
+(:mod:`advbench.eval.masking`).
 """
 
 from __future__ import annotations
@@ -30,8 +44,10 @@ WORST_CASE = "worst-case"
 COLUMNS = [
     "model", "defense", "attack", "norm", "eps", "targeting", "knowledge", "n", "clean_accuracy",
     "robust_accuracy", "attack_success_rate", "audit_violations", "quantization_failures", "median_distance",
-    "mean_distance", "found_rate", "seconds", "n_forward", "n_backward", "n_queries",
+    "mean_distance", "found_rate", "seconds", "n_forward", "n_backward", "n_queries", "flags",
 ]
+
+SCORING = ("mean", "all")
 
 
 def _threat_columns(threat_json: str) -> dict[str, object]:
@@ -41,28 +57,53 @@ def _threat_columns(threat_json: str) -> dict[str, object]:
             "knowledge": t["knowledge"]}
 
 
-def _broken(ex: pd.DataFrame) -> pd.Series:
-    """An audited example that the model misclassifies (success or not), or a success."""
-    return ex.success.astype(bool) | (ex.valid.astype(bool) & (ex.pred_adv != ex.label))
+def _draws(col: pd.Series) -> np.ndarray:
+    return np.array([[int(p) for p in s.split(",")] for s in col], dtype=np.int64).reshape(len(col), -1)
 
 
-def _row(ex: pd.DataFrame, jobs: pd.DataFrame, success: pd.Series, broken: pd.Series) -> dict[str, object]:
-    correct = ex.pred_clean == ex.label
+def _outcomes(ex: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per example and draw, arrays (n, draws) of: clean prediction correct, attack succeeded,
+    example broken (an audited example the model misclassifies, or a success). A deterministic
+    model has one draw (the stored predictions); a randomized one each stored draw."""
+    label = ex.label.to_numpy()[:, None]
+    valid = ex.valid.to_numpy(dtype=bool)[:, None]
+    if len(ex) and "pred_clean_draws" in ex and ex.pred_clean_draws.notna().all():
+        pc, pa = _draws(ex.pred_clean_draws), _draws(ex.pred_adv_draws)
+        target = pd.to_numeric(ex.target).to_numpy(dtype=float)[:, None]
+        goal = np.where(np.isnan(target), pa != label, pa == np.nan_to_num(target, nan=-1))
+        success = ex.attacked.to_numpy(dtype=bool)[:, None] & valid & goal
+        return pc == label, success, success | (valid & (pa != label))
+    success = ex.success.to_numpy(dtype=bool)[:, None]
+    broken = success | (valid & (ex.pred_adv != ex.label).to_numpy()[:, None])
+    return (ex.pred_clean == ex.label).to_numpy()[:, None], success, broken
+
+
+def _row(ex: pd.DataFrame, jobs: pd.DataFrame, clean: np.ndarray, success: np.ndarray, broken: np.ndarray,
+         scoring: str = "mean") -> dict[str, object]:
+    """A row's numbers from per-example-and-draw outcomes (see :func:`_outcomes`)."""
     n = len(ex)
+    hit = clean & success
+    if scoring == "all":  # a point counts only if it holds in every draw
+        clean_pts = clean.all(axis=1)
+        clean_score, robust_score = clean_pts.sum(), (clean & ~broken).all(axis=1).sum()
+        asr_num, asr_den = (clean_pts & hit.any(axis=1)).sum(), clean_pts.sum()
+    else:  # the fraction of draws a point holds in
+        clean_score, robust_score = clean.mean(axis=1).sum(), (clean & ~broken).mean(axis=1).sum()
+        asr_num, asr_den = hit.sum(), clean.sum()
+    correct = clean.any(axis=1)
     n_correct = int(correct.sum())
-    succ = success & correct
     found_rate = float("nan")
     if "min_distance" in ex and ex.min_distance.notna().any():  # a minimal-perturbation attack
-        searched = ex.min_distance[correct & ex.attacked.astype(bool)].dropna()
+        searched = ex.min_distance[correct & ex.attacked.to_numpy(dtype=bool)].dropna()
         dist = searched[np.isfinite(searched)]
         found_rate = len(dist) / n_correct if n_correct else float("nan")
     else:
-        dist = ex.distance[succ].dropna()
+        dist = ex.distance[hit.any(axis=1)].dropna()
     return {
         "n": n,
-        "clean_accuracy": n_correct / n if n else float("nan"),
-        "robust_accuracy": int((correct & ~(broken | succ)).sum()) / n if n else float("nan"),
-        "attack_success_rate": int(succ.sum()) / n_correct if n_correct else float("nan"),
+        "clean_accuracy": float(clean_score) / n if n else float("nan"),
+        "robust_accuracy": float(robust_score) / n if n else float("nan"),
+        "attack_success_rate": float(asr_num) / float(asr_den) if asr_den else float("nan"),
         "audit_violations": int(jobs.violations.sum()),
         "quantization_failures": int(jobs.quantization_failures.sum()),
         "median_distance": float(dist.median()) if len(dist) else float("nan"),
@@ -72,6 +113,7 @@ def _row(ex: pd.DataFrame, jobs: pd.DataFrame, success: pd.Series, broken: pd.Se
         "n_forward": int(jobs.n_forward.sum()),
         "n_backward": int(jobs.n_backward.sum()),
         "n_queries": int(jobs.n_queries.sum()),
+        "flags": "",
     }
 
 
@@ -80,12 +122,16 @@ def robust_accuracy_table(
     jobs: pd.DataFrame,
     order: dict[str, list[str]] | None = None,
     cascade: bool = False,
+    scoring: str = "mean",
 ) -> pd.DataFrame:
     """One row per cell plus worst-case rows; ``order`` lists models/defenses/threats/attacks in config order.
 
     With ``cascade`` the attacks ran in order on the points still robust, so each attack's row
-    reports the cumulative numbers of the attacks up to it.
+    reports the cumulative numbers of the attacks up to it. ``scoring`` says how a randomized
+    model's draws count (module docstring).
     """
+    if scoring not in SCORING:
+        raise ValueError(f"scoring must be one of {SCORING}, got {scoring!r}")
     if examples.empty:
         return pd.DataFrame(columns=COLUMNS)
     examples = examples.assign(success=examples.success.astype(bool))
@@ -98,25 +144,27 @@ def robust_accuracy_table(
         if "attacks" in order:
             attacks.sort(key=lambda a: order["attacks"].index(a) if a in order["attacks"] else len(order["attacks"]))
         index = pd.Index(sorted(group.idx.unique()), name="idx")
-        succeeded = pd.Series(False, index=index)  # by any attack so far
-        broken = pd.Series(False, index=index)
+        succeeded = broken = None  # per example of the group and draw: by any attack so far
         base = None
         for attack in attacks:
             ex = group[group.attack == attack].set_index("idx").sort_index()
-            base = ex if base is None else base
-            succeeded = succeeded | ex.success.reindex(index, fill_value=False)
-            broken = broken | _broken(ex).reindex(index, fill_value=False)
+            clean, success, brk = _outcomes(ex)
+            base = (ex, clean) if base is None else base
+            pos = index.get_indexer(ex.index)
+            s_all, b_all = np.zeros((len(index), success.shape[1]), bool), np.zeros((len(index), brk.shape[1]), bool)
+            s_all[pos], b_all[pos] = success, brk
+            succeeded = s_all if succeeded is None else succeeded | s_all
+            broken = b_all if broken is None else broken | b_all
             if cascade:
-                success, brk = succeeded.reindex(ex.index), broken.reindex(ex.index)
-            else:
-                success, brk = ex.success, _broken(ex)
+                success, brk = succeeded[pos], broken[pos]
             row = {"model": model, "defense": defense, "attack": attack, **tcols,
-                   **_row(ex, gjobs[gjobs.attack == attack], success, brk)}
+                   **_row(ex, gjobs[gjobs.attack == attack], clean, success, brk, scoring)}
             rows.append(row)
         if len(attacks) > 1 or cascade:
-            ex = base
+            ex, clean = base
+            pos = index.get_indexer(ex.index)
             row = {"model": model, "defense": defense, "attack": WORST_CASE, **tcols,
-                   **_row(ex, gjobs, succeeded.reindex(ex.index), broken.reindex(ex.index))}
+                   **_row(ex, gjobs, clean, succeeded[pos], broken[pos], scoring)}
             # the worst case's distances: the smallest successful perturbation over attacks
             succ = group[group.success]
             if len(succ):
@@ -143,7 +191,8 @@ def robust_accuracy_matrix(table: pd.DataFrame, attack_order: list[str] | None =
     """Robust accuracy (%) with rows model/defense/attack and one column per threat budget.
 
     Rows follow the table's model and defense order and ``attack_order`` (default: first
-    appearance), with each group's worst case last.
+    appearance), with each group's worst case last. When any cell has gradient-masking flags, a
+    last ``flags`` column lists each row's codes (over all its threats).
     """
     if table.empty:
         return pd.DataFrame()
@@ -161,6 +210,14 @@ def robust_accuracy_matrix(table: pd.DataFrame, attack_order: list[str] | None =
     rows = sorted(triples, key=lambda r: (groups.index(r[:2]), rank.get(r[2], len(rank))))
     m = m.reindex(pd.MultiIndex.from_tuples(rows, names=m.index.names))
     m.insert(0, "clean", [clean[(mo, de)] for mo, de, _ in m.index])
+    if "flags" in table and table["flags"].fillna("").astype(bool).any():  # the row's codes over its threats
+        codes: dict[tuple[str, str, str], dict[str, None]] = {}
+        for mo, de, a, f in zip(table.model, table.defense, table.attack, table["flags"].fillna("")):
+            codes.setdefault((mo, de, a), {}).update(dict.fromkeys(c for c in f.split(";") if c))
+        from advbench.eval.masking import FLAGS
+
+        rank = {c: i for i, c in enumerate(FLAGS)}
+        m["flags"] = [";".join(sorted(codes.get(r, {}), key=lambda c: rank.get(c, len(rank)))) for r in m.index]
     m.columns.name = "robust accuracy %"
     return m
 
