@@ -4,6 +4,7 @@
     advbench list attacks|defenses|models|datasets|traversals [PATTERN]
     advbench config            # print the embedded default config
     advbench blindspots [CONFIG.yaml] [--out DIR]   # Level Set Traversal blind-spot analysis
+    advbench train CONFIG.yaml [--out NAME] [--device D] [--quiet]   # train a (defended) model
 
 Bad input of any kind prints one ``error: ...`` line and exits with code 2; no traceback.
 """
@@ -54,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--seed", type=int, help="override the config's seed")
     bs.add_argument("--print-config", action="store_true", help="print the embedded default config and exit")
     bs.add_argument("--quiet", action="store_true", help="no progress lines and no tables on stdout")
+
+    tr = sub.add_parser("train", help="train a model from a train config (recipes: plain, madry, fast, trades, "
+                        "distillation, thermometer); `evaluate` then loads it with {name: X, trained: NAME}")
+    tr.add_argument("config", help="YAML train config (see configs/train-*.yaml)")
+    tr.add_argument("--out", metavar="NAME", help="override the config's name: the model goes to <ADVBENCH_CACHE>/trained/NAME/")
+    tr.add_argument("--device", help="override the config's device: cpu, cuda, cuda:N, auto")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar and no card summary on stdout")
     return p
 
 
@@ -131,6 +139,20 @@ def cmd_blindspots(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from advbench.training import load_train_config, train
+    from advbench.training.card import summary
+
+    overrides = {k: v for k, v in (("name", args.out), ("device", args.device)) if v is not None}
+    config = load_train_config(args.config, overrides)
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    result = train(config, progress=False if args.quiet else None, log=log)
+    if not args.quiet and result.card is not None:
+        print(summary(result.card))
+        print(f"model -> {result.folder} (evaluate it with: models: [{{name: {config.name}, trained: {config.name}}}])")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -142,7 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
-    handlers = {"evaluate": cmd_evaluate, "list": cmd_list, "config": cmd_config, "blindspots": cmd_blindspots}
+    handlers = {
+        "evaluate": cmd_evaluate, "list": cmd_list, "config": cmd_config, "blindspots": cmd_blindspots, "train": cmd_train,
+    }
     from advbench.errors import AdvbenchError
 
     try:

@@ -114,5 +114,9 @@ def test_every_shipped_config_is_valid(path):
         from advbench.blindspots.config import load_blindspot_config
 
         assert load_blindspot_config(path).sources > 0
+    elif path.name.startswith("train-"):
+        from advbench.training import load_train_config
+
+        assert load_train_config(path).epochs >= 1
     else:
         assert load_config(path).attacks

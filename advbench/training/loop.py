@@ -1,0 +1,180 @@
+"""The training loop: phases of epochs of seeded mini-batches, a checkpoint after every epoch.
+
+Reproducibility: all randomness (the shuffling, the augmentation, the attacks' random
+starts) is drawn from one ``torch.Generator`` seeded with the config's seed, and each phase's
+model is initialized from ``seed + 1000 * phase index``. On the CPU with a fixed number of
+threads (the config's ``threads``, default 1) a seed therefore fixes the weights bit for bit.
+
+Resume: after every epoch the model, the optimizer, the learning-rate schedule, the generator's
+state and the elapsed time are written to ``checkpoint.pt`` (a temporary file, then a rename).
+A rerun of the same config loads it and continues with the next epoch; the weights it ends with
+are those of an uninterrupted run. A checkpoint of another config (its hash differs) is ignored.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from advbench.models import zoo
+from advbench.training.architectures import build_classifier
+from advbench.training.config import TrainConfig
+from advbench.training.recipes import TrainingRecipe
+from advbench.training.store import save_tensors
+
+# The zoo's optimizer, schedule and augmentation (advbench.models.zoo), shared so that a
+# ``plain`` recipe trains exactly like the zoo does; they should move to a common module.
+_optimizer, _one_cycle, _augment = zoo._optimizer, zoo._one_cycle, zoo._augment
+
+
+@dataclass
+class LoopResult:
+    model: nn.Module | None  # the last phase's model (None when stopped early)
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per epoch
+    seconds: float = 0.0  # training time, summed over resumed runs
+    resumed_from: dict[str, Any] | None = None  # {"phase", "epoch"} of the checkpoint loaded
+    stopped: bool = False
+
+
+def build_model(config: TrainConfig, recipe: TrainingRecipe, index: int, channels: int) -> nn.Module:
+    """Phase ``index``'s fresh model: the classifier, in its defense stages if the recipe has any."""
+    from advbench.defenses.base import DefendedModel
+    from advbench.training.architectures import build_stage
+
+    classifier = build_classifier(config.architecture, seed=config.seed + 1000 * index, in_channels=recipe.in_channels(channels))
+    stages = [build_stage(s) for s in recipe.stages()]
+    return DefendedModel(stages, classifier) if stages else classifier
+
+
+def _zoo_recipe(config: TrainConfig, epochs: int) -> zoo.Recipe:
+    return zoo.Recipe(
+        dataset=str(config.data.name), train_split=str(config.data.split), eval_split=str(config.eval.split),
+        epochs=epochs, batch_size=config.batch_size, optimizer=config.optimizer, lr=config.lr,
+        weight_decay=config.weight_decay, schedule=config.schedule, augmentation=config.augmentation, seed=config.seed,
+    )
+
+
+def run_loop(
+    config: TrainConfig,
+    recipe: TrainingRecipe,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    checkpoint: Path,
+    *,
+    device: torch.device,
+    progress: bool | None = None,
+    stop_after_epochs: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> LoopResult:
+    """Train every phase of ``recipe`` on ``(x, y)``, resuming from ``checkpoint`` if it is this config's.
+
+    ``stop_after_epochs`` ends the call after that many epochs (the checkpoint written), as an
+    interruption would; ``progress`` None shows the bar only on a terminal (tqdm's rule).
+    """
+    from tqdm.auto import tqdm
+
+    phases = recipe.phases(config.epochs)
+    state = _load(checkpoint, config.hash())
+    g = torch.Generator().manual_seed(config.seed)  # on the CPU, like the data: batches move to the device
+    result = LoopResult(model=None)
+    start_phase, start_epoch, previous = 0, 0, None
+    if state is not None:
+        result.resumed_from = {"phase": phases[state["phase"]].name, "epoch": state["epoch"]}
+        result.history, result.seconds = list(state["history"]), float(state["seconds"])
+        start_phase, start_epoch = state["phase"], state["epoch"]
+        g.set_state(state["generator"])
+        if log:
+            log(f"resuming {config.name} after {phases[start_phase].name} epoch {start_epoch} from {checkpoint}")
+    steps_per_epoch = (len(x) + config.batch_size - 1) // config.batch_size
+    done = sum(p.epochs for p in phases[:start_phase]) + start_epoch
+    bar = tqdm(
+        total=sum(p.epochs for p in phases) * steps_per_epoch, initial=done * steps_per_epoch, file=sys.stderr,
+        disable=None if progress is None else not progress, desc=config.name, unit="batch", leave=False,
+    )
+    ran = 0
+    try:
+        for index in range(start_phase, len(phases)):
+            phase = phases[index]
+            model = build_model(config, recipe, index, x.shape[1]).to(device).train()
+            opt = _optimizer(model, _zoo_recipe(config, phase.epochs))
+            sched = (
+                torch.optim.lr_scheduler.LambdaLR(opt, _one_cycle(phase.epochs * steps_per_epoch))
+                if config.schedule == "onecycle" else None
+            )
+            first = 0
+            if state is not None and index == start_phase:
+                model.load_state_dict(state["model"])
+                if start_epoch < phase.epochs:  # else the phase is finished: only its model is needed
+                    opt.load_state_dict(state["optimizer"])
+                    if sched is not None:
+                        sched.load_state_dict(state["scheduler"])
+                first = start_epoch
+            if first < phase.epochs:
+                targets = recipe.targets(phase, previous, x.to(device), y.to(device)).cpu()
+            for epoch in range(first, phase.epochs):
+                bar.set_description(f"{config.name} {phase.name} {epoch + 1}/{phase.epochs}")
+                began = time.perf_counter()
+                total, count = 0.0, 0
+                for idx in torch.randperm(len(x), generator=g).split(config.batch_size):
+                    xb = _augment(x[idx], config.augmentation, g).to(device)
+                    opt.zero_grad(set_to_none=True)
+                    loss = recipe.loss(phase, model, xb, targets[idx].to(device), g)
+                    loss.backward()
+                    opt.step()
+                    if sched is not None:
+                        sched.step()
+                    total += float(loss.detach()) * len(idx)
+                    count += len(idx)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
+                seconds = time.perf_counter() - began
+                result.seconds += seconds
+                result.history.append({"phase": phase.name, "epoch": epoch + 1, "loss": total / count, "seconds": round(seconds, 3)})
+                _save(checkpoint, config, index, epoch + 1, model, opt, sched, g, result)
+                ran += 1
+                if stop_after_epochs is not None and ran >= stop_after_epochs and not (
+                    index == len(phases) - 1 and epoch + 1 == phase.epochs
+                ):
+                    result.stopped = True
+                    return result
+            previous = model.eval()
+    finally:
+        bar.close()
+    result.model = previous
+    return result
+
+
+def _save(path: Path, config: TrainConfig, phase: int, epoch: int, model: nn.Module, opt: torch.optim.Optimizer,
+          sched: Any, g: torch.Generator, result: LoopResult) -> None:
+    save_tensors(
+        path,
+        {
+            "config_hash": config.hash(),
+            "phase": phase,
+            "epoch": epoch,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(),
+            "scheduler": None if sched is None else sched.state_dict(),
+            "generator": g.get_state(),
+            "history": result.history,
+            "seconds": result.seconds,
+        },
+    )
+
+
+def _load(path: Path, config_hash: str) -> dict[str, Any] | None:
+    """This config's checkpoint, or None (none, another config's, or unreadable: start afresh)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged checkpoint (cannot happen with atomic writes) is dropped
+        return None
+    return state if isinstance(state, dict) and state.get("config_hash") == config_hash else None

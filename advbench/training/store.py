@@ -1,0 +1,103 @@
+"""Where trained models live, and loading them by name.
+
+``<ADVBENCH_CACHE>/trained/<name>/`` holds:
+
+=================  ===================================================================
+``model.pt``       the classifier's state dict (read with ``weights_only=True``)
+``model.json``     how to rebuild the deployed model: zoo architecture, input channels,
+                   defense stages (e.g. ``thermometer`` and its ``levels``)
+``config.yaml``    the train config that produced it (canonical form)
+``card.json``      the model card; written last, so its presence means the rest is complete
+``checkpoint.pt``  while training: the last finished epoch (removed when the card is written)
+=================  ===================================================================
+
+Every file is written to a temporary name and renamed (atomic on one file system), so a
+process killed at any point leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from advbench.errors import ConfigError, DataError
+from advbench.models.zoo import (
+    _atomic_write,  # shared with the zoo's cache (should move to a common module)
+)
+
+WEIGHTS, DESCRIPTION, CONFIG, CARD, CHECKPOINT, LOCK = (
+    "model.pt", "model.json", "config.yaml", "card.json", "checkpoint.pt", ".lock",
+)
+
+
+def trained_root() -> Path:
+    """``cache_dir()/trained``."""
+    from advbench.data.paths import cache_dir
+
+    return cache_dir() / "trained"
+
+
+def trained_dir(name: str) -> Path:
+    return trained_root() / name
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def save_tensors(path: Path, obj: Any) -> None:
+    """``torch.save`` atomically."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_trained(folder: Path, classifier: nn.Module, description: dict[str, Any], config: dict[str, Any],
+                 card: dict[str, Any]) -> None:
+    """Write a finished model: weights, description, config, and the card last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
+    save_tensors(folder / WEIGHTS, state)
+    write_bytes(folder / DESCRIPTION, (json.dumps(description, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes(folder / CONFIG, yaml.safe_dump(config, sort_keys=False).encode())
+    write_bytes(folder / CARD, (json.dumps(card, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_card(name: str) -> dict[str, Any] | None:
+    """The card of the trained model ``name``, or None when it has not (finished) training."""
+    path = trained_dir(name) / CARD
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"unreadable model card {path}: {exc}") from None
+
+
+def load_trained(name: str, map_location: str | torch.device = "cpu") -> nn.Module:
+    """The trained model ``name`` (eval mode), with its card as ``model.advbench_card``.
+
+    Raises a one-line ConfigError naming the command to run when it is missing.
+    """
+    from advbench.training.architectures import classifier_of, rebuild
+
+    folder = trained_dir(name)
+    card = read_card(name)
+    if card is None:
+        raise ConfigError(
+            f"no trained model {name!r} (looked in {folder}); train it first with `advbench train CONFIG` "
+            f"(a train config with name: {name})"
+        )
+    try:
+        description = json.loads((folder / DESCRIPTION).read_text())
+        state = torch.load(folder / WEIGHTS, map_location=map_location, weights_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise DataError(f"trained model {name!r} in {folder} is damaged ({type(exc).__name__}: {exc}); train it again") from None
+    model = rebuild(description)
+    classifier_of(model).load_state_dict(state)
+    model.eval()
+    model.advbench_card = card  # provenance for whoever holds the model
+    return model
