@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -56,8 +57,8 @@ def lattice_triangles(resolution: int) -> np.ndarray:
     return np.array(tris)
 
 
-def draw(fig_spec: FigureSpec, path: Path) -> None:
-    """Write the picture to ``path`` (PNG)."""
+def draw(fig_spec: FigureSpec, path: Path | IO[bytes]) -> None:
+    """Write the picture to ``path`` (PNG; a path or a binary file)."""
     import matplotlib.tri as mtri
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure as MplFigure

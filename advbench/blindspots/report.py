@@ -18,13 +18,13 @@ from __future__ import annotations
 import importlib.metadata as md
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from advbench.files import atomic_write, atomic_write_text
 from advbench.blindspots.figure import FigureSpec, draw
 
 DISTANCE_COLUMNS = (("rmse", "RMSE"), ("linf", "ℓ∞ dist"), ("ssim", "SSIM"), ("lpips", "LPIPS dist"))
@@ -101,18 +101,8 @@ def extra_versions() -> dict[str, str | None]:
     return out
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write_text(path, text)
 
 
 def write_outputs(
@@ -151,4 +141,4 @@ def write_outputs(
     _text(out / "results.json", json.dumps(records, indent=1))
     _text(out / "run.json", json.dumps(provenance, indent=1, default=str))
     if figure is not None and figure.source.shape[0] > 0:
-        _atomic_write(out / "blindspots.png", lambda tmp: draw(figure, tmp))
+        atomic_write(out / "blindspots.png", lambda f: draw(figure, f))

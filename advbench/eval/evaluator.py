@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from advbench.files import atomic_write_text
 from advbench.config import BenchmarkConfig, DefenseSpec, ModelSpec, attack_threats
 from advbench.defenses.base import find_defended
 from advbench.eval.jobs import InProcessExecutor, Job, ModelTags, Worker
@@ -291,7 +292,7 @@ def evaluate(
         "defended_models": _defended_models(worker, config),
     }
     write_outputs(out, table, matrix, provenance)
-    _atomic_write(out / "masking.json", json.dumps(masking, indent=1, default=str))
+    atomic_write_text(out / "masking.json", json.dumps(masking, indent=1, default=str))
     lines = masking_lines(masking)
     if lines and progress is not False:
         print(lines, file=sys.stderr)
@@ -366,17 +367,11 @@ def masking_lines(masking: dict[str, Any]) -> str:
 
 def write_outputs(out: Path, table: pd.DataFrame, matrix: pd.DataFrame, provenance: dict[str, Any]) -> None:
     """results.csv / results.json (one row per cell), matrix.csv, run.json; each written atomically."""
-    _atomic_write(out / "results.csv", table.to_csv(index=False))
+    atomic_write_text(out / "results.csv", table.to_csv(index=False))
     records = json.loads(table.to_json(orient="records"))
-    _atomic_write(out / "results.json", json.dumps({"config_hash": provenance["config_hash"], "rows": records}, indent=1))
-    _atomic_write(out / "matrix.csv", matrix.to_csv())
-    _atomic_write(out / "run.json", json.dumps(provenance, indent=1, default=str))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(out / "results.json", json.dumps({"config_hash": provenance["config_hash"], "rows": records}, indent=1))
+    atomic_write_text(out / "matrix.csv", matrix.to_csv())
+    atomic_write_text(out / "run.json", json.dumps(provenance, indent=1, default=str))
 
 
 def _write_adversarial(store: ResultStore, config_hash: str, jobs: list[Job], folder: Path) -> None:

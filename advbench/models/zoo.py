@@ -38,8 +38,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import secrets
 import time
 import warnings
 from collections import OrderedDict
@@ -52,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advbench.files import atomic_write, file_lock
 from advbench.data.base import ImageData
 from advbench.errors import ConfigError, DataError, UnknownNameError
 from advbench.models.layers import (
@@ -422,7 +421,7 @@ def _ensure(name: str, root: str | None) -> tuple[nn.Module, ModelCard]:
         return cached  # type: ignore[return-value]
     path = weights_path(name, root)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(path.with_suffix(".lock")):
+    with file_lock(path.with_suffix(".lock")):
         cached = _read_cached(name, root, load_weights=True)  # another process may have finished meanwhile
         if cached is not None:
             return cached  # type: ignore[return-value]
@@ -462,40 +461,9 @@ def _save(name: str, model: nn.Module, card: ModelCard) -> None:
     pt = models_dir() / card.weights_file
     pt.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    _atomic_write(pt, lambda f: torch.save(state, f))
+    atomic_write(pt, lambda f: torch.save(state, f))
     text = json.dumps(card.to_dict(), indent=2, sort_keys=True) + "\n"
-    _atomic_write(pt.with_suffix(".json"), lambda f: f.write(text.encode()))  # the card last: it marks completion
-
-
-def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    # a unique temporary name in the same folder (so os.replace is atomic); opened with open(),
-    # not mkstemp, so the file gets the usual umask permissions and a shared cache stays readable
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: atomic writes still keep the cache consistent
-        yield
-        return
-    with open(path, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    atomic_write(pt.with_suffix(".json"), lambda f: f.write(text.encode()))  # the card last: it marks completion
 
 
 # ---------------------------------------------------------------------------- training
@@ -514,7 +482,7 @@ def _load_split(recipe: Recipe, split: str, root: str | None) -> ImageData:
 
 
 @contextlib.contextmanager
-def _num_threads(n: int | None) -> Iterator[None]:
+def num_threads(n: int | None) -> Iterator[None]:
     if n is None:
         yield
         return
@@ -526,7 +494,7 @@ def _num_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _augment(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
     if kind == "none":
         return x
     n, c, h, w = x.shape
@@ -545,7 +513,7 @@ def _augment(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
     return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
 
 
-def _one_cycle(total: int, warmup: float = 0.25, start: float = 0.04, end: float = 1e-3) -> Callable[[int], float]:
+def one_cycle(total: int, warmup: float = 0.25, start: float = 0.04, end: float = 1e-3) -> Callable[[int], float]:
     """LR factor per step: linear warm-up from ``start`` to 1 over ``warmup`` of the steps, then cosine to ``end``."""
     up = max(1, int(total * warmup))
 
@@ -558,7 +526,7 @@ def _one_cycle(total: int, warmup: float = 0.25, start: float = 0.04, end: float
     return factor
 
 
-def _optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     params = model.parameters()
     if recipe.optimizer == "adam":
         return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -580,16 +548,16 @@ def _train(name: str, recipe: Recipe, note: str, root: str | None) -> tuple[nn.M
         x, y = x[: recipe.train_limit], y[: recipe.train_limit]
     channels_last = len(spec.input_shape) == 3 and spec.input_shape[0] == 3
     start = time.perf_counter()
-    with _num_threads(spec.train_threads), torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
+    with num_threads(spec.train_threads), torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
         torch.manual_seed(recipe.seed)
         model = spec.build()
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         g = torch.Generator().manual_seed(recipe.seed)
-        opt = _optimizer(model, recipe)
+        opt = make_optimizer(model, recipe)
         steps_per_epoch = (len(x) + recipe.batch_size - 1) // recipe.batch_size
         sched = (
-            torch.optim.lr_scheduler.LambdaLR(opt, _one_cycle(recipe.epochs * steps_per_epoch))
+            torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(recipe.epochs * steps_per_epoch))
             if recipe.schedule == "onecycle"
             else None
         )
@@ -597,7 +565,7 @@ def _train(name: str, recipe: Recipe, note: str, root: str | None) -> tuple[nn.M
         for _ in range(recipe.epochs):
             perm = torch.randperm(len(x), generator=g)
             for idx in perm.split(recipe.batch_size):
-                xb = _augment(x[idx], recipe.augmentation, g)
+                xb = augment(x[idx], recipe.augmentation, g)
                 if channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 opt.zero_grad(set_to_none=True)

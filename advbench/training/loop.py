@@ -24,14 +24,12 @@ import torch
 from torch import nn
 
 from advbench.models import zoo
+from advbench.models.zoo import augment, make_optimizer, one_cycle  # so that a plain recipe trains as the zoo does
 from advbench.training.architectures import build_classifier
 from advbench.training.config import TrainConfig
 from advbench.training.recipes import TrainingRecipe
 from advbench.training.store import save_tensors
 
-# The zoo's optimizer, schedule and augmentation (advbench.models.zoo), shared so that a
-# ``plain`` recipe trains exactly like the zoo does; they should move to a common module.
-_optimizer, _one_cycle, _augment = zoo._optimizer, zoo._one_cycle, zoo._augment
 
 
 @dataclass
@@ -103,9 +101,9 @@ def run_loop(
         for index in range(start_phase, len(phases)):
             phase = phases[index]
             model = build_model(config, recipe, index, x.shape[1]).to(device).train()
-            opt = _optimizer(model, _zoo_recipe(config, phase.epochs))
+            opt = make_optimizer(model, _zoo_recipe(config, phase.epochs))
             sched = (
-                torch.optim.lr_scheduler.LambdaLR(opt, _one_cycle(phase.epochs * steps_per_epoch))
+                torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(phase.epochs * steps_per_epoch))
                 if config.schedule == "onecycle" else None
             )
             first = 0
@@ -123,7 +121,7 @@ def run_loop(
                 began = time.perf_counter()
                 total, count = 0.0, 0
                 for idx in torch.randperm(len(x), generator=g).split(config.batch_size):
-                    xb = _augment(x[idx], config.augmentation, g).to(device)
+                    xb = augment(x[idx], config.augmentation, g).to(device)
                     opt.zero_grad(set_to_none=True)
                     loss = recipe.loss(phase, model, xb, targets[idx].to(device), g)
                     loss.backward()

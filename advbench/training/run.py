@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from advbench.errors import DataError
-from advbench.models.zoo import _file_lock, _num_threads
+from advbench.files import file_lock
+from advbench.models.zoo import num_threads
 from advbench.training.config import TrainConfig, robust_eps
 from advbench.training.store import (
     CARD,
@@ -54,7 +55,7 @@ def train(
     device = resolve_device(config.device)
     folder = trained_dir(config.name)
     folder.mkdir(parents=True, exist_ok=True)
-    with _file_lock(folder / LOCK):
+    with file_lock(folder / LOCK):
         card = read_card(config.name)
         if card is not None and card.get("config_hash") == config.hash():
             if log:
@@ -64,7 +65,7 @@ def train(
             if log:
                 log(f"{config.name} was trained with another config: training it again")
             (folder / CARD).unlink()
-        threads = _num_threads(config.threads) if device.type == "cpu" else contextlib.nullcontext()
+        threads = num_threads(config.threads) if device.type == "cpu" else contextlib.nullcontext()
         with threads, torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
             return _train(config, folder, device, progress, stop_after_epochs, log)
 

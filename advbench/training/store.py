@@ -26,9 +26,7 @@ import yaml
 from torch import nn
 
 from advbench.errors import ConfigError, DataError
-from advbench.models.zoo import (
-    _atomic_write,  # shared with the zoo's cache (should move to a common module)
-)
+from advbench.files import atomic_write
 
 WEIGHTS, DESCRIPTION, CONFIG, CARD, CHECKPOINT, LOCK = (
     "model.pt", "model.json", "config.yaml", "card.json", "checkpoint.pt", ".lock",
@@ -47,12 +45,12 @@ def trained_dir(name: str) -> Path:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def save_tensors(path: Path, obj: Any) -> None:
     """``torch.save`` atomically."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_trained(folder: Path, classifier: nn.Module, description: dict[str, Any], config: dict[str, Any],
