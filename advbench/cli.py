@@ -1,7 +1,7 @@
 """The ``advbench`` command line.
 
     advbench evaluate [CONFIG.yaml] [--out DIR] [--save-adversarial] [--device D]
-    advbench list attacks|defenses|models|datasets|traversals [PATTERN]
+    advbench list attacks|defenses|models|datasets|traversals|transformations [PATTERN]
     advbench config            # print the embedded default config
     advbench blindspots [CONFIG.yaml] [--out DIR]   # Level Set Traversal blind-spot analysis
     advbench train CONFIG.yaml [--out NAME] [--device D] [--quiet]   # train a (defended) model
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--quiet", action="store_true", help="no progress bar and no table on stdout")
 
     ls = sub.add_parser("list", help="list registered attacks, defenses, models or data sets")
-    ls.add_argument("kind", choices=["attacks", "defenses", "models", "datasets", "traversals"])
+    ls.add_argument("kind", choices=["attacks", "defenses", "models", "datasets", "traversals", "transformations"])
     ls.add_argument("pattern", nargs="?", default="*", help="glob pattern, e.g. 'pgd*'")
 
     sub.add_parser("config", help="print the embedded default config (a starting point for your own)")

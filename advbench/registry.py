@@ -201,6 +201,9 @@ DATASETS: Registry[Any] = Registry("dataset", "advbench.datasets")
 #: level-set traversals (blind-spot analyses): they map a (source, target) image pair to an image
 #: the model still gives the source class, so they are not attacks with a threat model
 TRAVERSALS: Registry[Any] = Registry("traversal", "advbench.traversals")
+#: image transformations T(x) of the destruction rate (Kurakin et al. 2016): JPEG, blur, noise, ...
+#: (advbench.analysis.transformations); not defenses, they are applied to stored adversarial examples
+TRANSFORMATIONS: Registry[Any] = Registry("transformation", "advbench.transformations")
 
 REGISTRIES: dict[str, Registry[Any]] = {
     "attacks": ATTACKS,
@@ -208,4 +211,5 @@ REGISTRIES: dict[str, Registry[Any]] = {
     "models": MODELS,
     "datasets": DATASETS,
     "traversals": TRAVERSALS,
+    "transformations": TRANSFORMATIONS,
 }
