@@ -3,6 +3,7 @@
 - :class:`WhiteBoxModel`: logits with gradients; counts forward and backward passes.
 - :class:`ScoreOracle`: probabilities only (no gradient can flow), queries counted per example.
 - :class:`LabelOracle`: top-1 labels only, queries counted per example.
+- :class:`NoAccess`: a transfer attacker's handle: no access to the target; any use raises.
 
 Oracles take an optional ``index`` tensor naming, for every row of the query batch, which
 example of the attacked batch it belongs to (a population of candidates for one image shares
@@ -17,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from advbench.errors import ConfigError, QueryBudgetExceeded
+from advbench.errors import ConfigError, QueryBudgetExceeded, UnsupportedThreatError
 from advbench.threat import Knowledge, ThreatModel
 
 
@@ -95,7 +96,23 @@ class LabelOracle(_Oracle):
         return self._logits(x, index).argmax(dim=1)
 
 
-Handle = WhiteBoxModel | ScoreOracle | LabelOracle
+class NoAccess:
+    """A transfer attacker's handle on the target: none. It holds no model, and calling it raises.
+
+    ``n_forward`` and ``n_backward`` start at 0 (the target is never run); a transfer attack adds
+    the passes it spent on its source model, so the result reports the attack's cost."""
+
+    def __init__(self) -> None:
+        self.n_forward = 0
+        self.n_backward = 0
+
+    def __call__(self, *args: object, **kwargs: object) -> torch.Tensor:
+        raise UnsupportedThreatError(
+            "a transfer attacker has no access to the target model; craft on a source model (white-box)"
+        )
+
+
+Handle = WhiteBoxModel | ScoreOracle | LabelOracle | NoAccess
 
 
 def handle_for(model: nn.Module, threat: ThreatModel, n_examples: int) -> Handle:
@@ -106,7 +123,4 @@ def handle_for(model: nn.Module, threat: ThreatModel, n_examples: int) -> Handle
         return ScoreOracle(model, n_examples, threat.query_budget)
     if threat.knowledge is Knowledge.DECISION_BASED:
         return LabelOracle(model, n_examples, threat.query_budget)
-    raise ConfigError(
-        "a transfer attacker gets no handle on the target model; craft on a source model "
-        "(white-box) and evaluate the examples on the target"
-    )
+    return NoAccess()  # transfer: the examples are crafted on a source model, never on ``model``

@@ -35,6 +35,8 @@ FAST = {
     "deepfool": {"steps": 6},
     "lbfgs": {},
     "onepixel": {"population": 50, "generations": 5},
+    # needs its source; its knowledge is transfer, so knowledge_of skips the checks that need a handle
+    "transfer": {"source": {"name": "digits-mlp"}, "attack": {"name": "pgd", "steps": 10}},
 }
 KNOWLEDGE_PREFERENCE = (Knowledge.WHITE_BOX, Knowledge.SCORE_BASED, Knowledge.DECISION_BASED)
 

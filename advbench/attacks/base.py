@@ -8,8 +8,8 @@ support), take their hyperparameters as keyword-only constructor arguments and i
 2. resolves the targets of a targeted threat model (fixed, random from the generator, or the
    least-likely class of the clean prediction);
 3. hands ``_run`` the model handle the attacker's knowledge allows (white-box logits, a
-   probability oracle or a label oracle, see :mod:`advbench.access`), with parameter gradients
-   off and the model in eval mode;
+   probability oracle, a label oracle, or for a transfer attacker no access at all, see
+   :mod:`advbench.access`), with parameter gradients off and the model in eval mode;
 4. audits the output (:mod:`advbench.audit`): success is recomputed from the model's own
    predictions and examples outside the threat model count as failures, never as successes.
 
