@@ -5,6 +5,8 @@
     advbench config            # print the embedded default config
     advbench blindspots [CONFIG.yaml] [--out DIR]   # Level Set Traversal blind-spot analysis
     advbench train CONFIG.yaml [--out NAME] [--device D] [--quiet]   # train a (defended) model
+    advbench leaderboard build|check|update [--dir leaderboard] [--tolerance T]   # regression gate
+    advbench report RUN_DIR [--out DIR]   # tables, report.md and plots rebuilt from a run's store
 
 Bad input of any kind prints one ``error: ...`` line and exits with code 2; no traceback.
 """
@@ -62,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", metavar="NAME", help="override the config's name: the model goes to <ADVBENCH_CACHE>/trained/NAME/")
     tr.add_argument("--device", help="override the config's device: cpu, cuda, cuda:N, auto")
     tr.add_argument("--quiet", action="store_true", help="no progress bar and no card summary on stdout")
+
+    lb = sub.add_parser("leaderboard", help="render the leaderboard, or rerun its suite as a regression gate")
+    lb.add_argument("action", choices=["build", "check", "update"],
+                    help="build: render README.md and index.html from the entries; check: rerun the suite and "
+                    "exit 1 when a number moves beyond the tolerance; update: rerun the suite and rewrite the entries")
+    lb.add_argument("--dir", default="leaderboard", help="leaderboard folder with suite.yaml and entries/ (default: leaderboard)")
+    lb.add_argument("--tolerance", type=float, default=None,
+                    help="check only: largest allowed absolute change of an accuracy (default: 0.01)")
+
+    rp = sub.add_parser("report", help="rebuild a run's tables (CSV, JSON, Markdown), report.md and plots from its "
+                        "stored results, without rerunning any attack")
+    rp.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by 'advbench evaluate'")
+    rp.add_argument("--out", help="output folder (default: RUN_DIR/report)")
     return p
 
 
@@ -153,6 +168,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from advbench import leaderboard as lb
+    from advbench.errors import ConfigError
+
+    if args.tolerance is not None and args.action != "check":
+        raise ConfigError("--tolerance applies to 'leaderboard check' only")
+    tolerance = lb.DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
+    if args.action == "build":
+        paths = lb.build(args.dir)
+        print(f"{len(lb.load_entries(args.dir))} entries -> {', '.join(map(str, paths))}")
+        return 0
+    stored = lb.load_entries(args.dir) if args.action == "check" else {}
+    lb.check_tolerance(tolerance)
+    measured, seconds = lb.run_suite(args.dir)
+    if args.action == "update":
+        paths = lb.write_entries(args.dir, measured)
+        print(f"{len(paths)} entries -> {Path(args.dir) / 'entries'} ({seconds:.1f} s); "
+              "run 'advbench leaderboard build' to render them")
+        return 0
+    diffs = lb.compare(stored, measured, tolerance)
+    if diffs:
+        print(f"leaderboard check FAILED: {len(diffs)} difference(s) beyond tolerance {tolerance:g} "
+              f"({seconds:.1f} s)\n{lb.format_differences(diffs)}\n"
+              "(if the change is intended: advbench leaderboard update && advbench leaderboard build)")
+        return 1
+    print(f"leaderboard check passed: {len(measured)} entries within tolerance {tolerance:g} ({seconds:.1f} s)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from advbench.eval.tables import format_matrix
+    from advbench.report import build_report
+
+    report = build_report(args.run_dir, args.out)
+    print(format_matrix(report.matrix))
+    if len(report.missing):
+        print(f"\n{len(report.missing)} cell(s) missing or partial (see report.md); rerun 'advbench evaluate' to finish the run")
+    print(f"\nreport -> {report.folder / 'report.md'} ({len(report.files)} files)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -166,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     handlers = {
         "evaluate": cmd_evaluate, "list": cmd_list, "config": cmd_config, "blindspots": cmd_blindspots, "train": cmd_train,
+        "leaderboard": cmd_leaderboard, "report": cmd_report,
     }
     from advbench.errors import AdvbenchError
 

@@ -1,0 +1,159 @@
+"""The leaderboard: entries, rendering, the RobustBench export and the regression gate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from advbench import leaderboard as lb
+from advbench.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = ROOT / "leaderboard"
+
+TINY_SUITE = """\
+seed: 0
+device: cpu
+data: {name: digits, split: test, n: 60}
+models: [digits-mlp]
+threats: [{norm: linf, eps: [0.1, 0.2]}]
+attacks: [fgsm, {name: pgd, steps: 5}]
+masking_checks: false
+"""
+
+
+def _run(capsys, *args):
+    code = main(["leaderboard", *map(str, args)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A leaderboard folder whose entries come from a tiny suite (a few seconds)."""
+    folder = tmp_path_factory.mktemp("lb") / "board"
+    folder.mkdir()
+    (folder / "suite.yaml").write_text(TINY_SUITE)
+    assert main(["leaderboard", "update", "--dir", str(folder)]) == 0
+    return folder
+
+
+@pytest.fixture
+def board(tiny, tmp_path):
+    """A private copy of the tiny leaderboard, free to perturb."""
+    return Path(shutil.copytree(tiny, tmp_path / "board"))
+
+
+def test_check_passes_on_the_real_entries(capsys):
+    code, out, err = _run(capsys, "check", "--dir", REAL)
+    assert code == 0, out + err
+    assert "leaderboard check passed: 4 entries" in out
+
+
+def test_check_passes_on_unchanged_entries(board, capsys):
+    code, out, _ = _run(capsys, "check", "--dir", board)
+    assert code == 0 and "2 entries within tolerance 0.01" in out
+
+
+def test_check_fails_on_a_perturbed_entry_with_a_readable_diff(board, capsys):
+    path = board / "entries" / "digits-mlp__none__linf-0.1.json"
+    entry = json.loads(path.read_text())
+    true_pgd = entry["attacks"]["pgd"]
+    entry["attacks"]["pgd"] = true_pgd + 0.05
+    path.write_text(lb.dumps(entry))
+    code, out, _ = _run(capsys, "check", "--dir", board)
+    assert code == 1
+    assert "FAILED: 1 difference(s)" in out
+    header, row = [line.split() for line in out.splitlines()[1:3]]
+    assert header == ["entry", "field", "stored", "measured", "difference"]
+    assert row[:2] == ["digits-mlp__none__linf-0.1", "attacks.pgd"]
+    assert float(row[2]) == pytest.approx(true_pgd + 0.05, abs=1e-4) and float(row[3]) == pytest.approx(true_pgd, abs=1e-4)
+    assert row[4] == "-0.0500"
+    # within a looser tolerance the same entry passes
+    assert _run(capsys, "check", "--dir", board, "--tolerance", "0.06")[0] == 0
+
+
+def test_check_reports_missing_and_stale_entries(board, capsys):
+    (board / "entries" / "digits-mlp__none__linf-0.2.json").rename(board / "entries" / "old__none__linf-0.2.json")
+    code, out, _ = _run(capsys, "check", "--dir", board)
+    assert code == 1
+    assert "digits-mlp__none__linf-0.2  (entry)  missing" in out and "old__none__linf-0.2" in out
+
+
+def test_entries_are_numbers_and_the_schema_round_trips():
+    entries = lb.load_entries(REAL)
+    assert sorted(entries) == sorted(f"{m}__none__{t}" for m in ("digits-mlp", "digits-cnn") for t in ("linf-0.1", "l2-1"))
+    for name, e in entries.items():
+        assert lb.entry_name(e) == name and e["schema_version"] == lb.SCHEMA_VERSION
+        assert json.loads(lb.dumps(e)) == e
+        for v in (e["clean_accuracy"], e["robust_accuracy"], *e["attacks"].values()):
+            assert isinstance(v, float) and 0 <= v <= 1
+        assert e["robust_accuracy"] <= min(e["attacks"].values()) and isinstance(e["n"], int)
+        assert set(e["attacks"]) == {"fgsm", "pgd", "deepfool"} and e["n"] == 360
+        assert e["config"]["seed"] == e["seed"] and len(e["config_hash"]) == 16 and e["versions"]["torch"]
+
+
+def test_validate_entry_rejects_strings_for_numbers():
+    e = next(iter(lb.load_entries(REAL).values()))
+    with pytest.raises(lb.ConfigError, match="robust_accuracy must be a number"):
+        lb.validate_entry({**e, "robust_accuracy": "0.5"})
+    with pytest.raises(lb.ConfigError, match="missing field"):
+        lb.validate_entry({k: v for k, v in e.items() if k != "config_hash"})
+
+
+def test_build_renders_every_entry(board, capsys):
+    code, out, _ = _run(capsys, "build", "--dir", board)
+    assert code == 0 and "2 entries" in out
+    md, page = (board / "README.md").read_text(), (board / "index.html").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "model" not in line]
+    assert len(rows) == 2 and page.count("<tr>") == 3 and "<script" not in page
+    robust = [float(r.split("|")[6]) for r in rows]
+    assert robust == sorted(robust, reverse=True)
+    for e in lb.load_entries(board).values():
+        assert f"{100 * e['robust_accuracy']:.2f}" in md and e["threat_id"] in page
+
+
+def test_the_committed_pages_match_the_entries():
+    entries = lb.load_entries(REAL)
+    assert (REAL / "README.md").read_text() == lb.render_markdown(entries)
+    assert (REAL / "index.html").read_text() == lb.render_html(entries)
+
+
+def test_to_robustbench():
+    e = lb.load_entries(REAL)["digits-cnn__none__linf-0.1"]
+    rb = lb.to_robustbench(e)
+    assert set(rb) == {"link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
+                       "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "footnote"}
+    assert rb["eps"] == "0.1" and rb["dataset"] == "digits" and rb["number_forward_passes"] == 1
+    assert rb["clean_acc"] == f"{100 * e['clean_accuracy']:.2f}" and rb["autoattack_acc"] is None
+    assert f"{100 * e['robust_accuracy']:.2f}%" in rb["footnote"] and "not AutoAttack" in rb["footnote"]
+    assert rb["architecture"].startswith("CNN") and rb["authors"] is None and rb["venue"] is None
+    with_aa = {**e, "attacks": {**e["attacks"], "autoattack": 0.25}}
+    assert lb.to_robustbench(with_aa)["autoattack_acc"] == "25.00" and lb.to_robustbench(with_aa)["footnote"] is None
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["check", "--dir", "/nonexistent/board"], "does not exist"),
+    (["update", "--dir", "/nonexistent/board"], "no suite config"),
+    (["build", "--tolerance", "0.1"], "applies to 'leaderboard check' only"),
+    (["check", "--tolerance", "-1"], "tolerance must be a number in [0, 1)"),
+    (["check", "--tolerance", "x"], "invalid float value"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_exit_2_with_one_line(args, fragment, capsys):
+    try:
+        code = main(["leaderboard", *args])
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err
+    assert err.startswith("error:") and err.count("\n") == 1
+
+
+def test_a_corrupt_entry_is_bad_input(board, capsys):
+    (board / "entries" / "digits-mlp__none__linf-0.1.json").write_text("{not json")
+    code, _, err = _run(capsys, "build", "--dir", board)
+    assert code == 2 and err.startswith("error:") and "not a readable JSON entry" in err and err.count("\n") == 1
