@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from advbench.errors import ConfigError
-from advbench.threat import Norm, ThreatModel
+from advbench.threat import Knowledge, Norm, ThreatModel
 
 DEFAULT_CONFIG_YAML = """\
 # The embedded default: `advbench evaluate` with no argument runs this.
@@ -199,7 +199,8 @@ class ThreatSpec(_Strict):
 
 
 class AttackSpec(_Strict):
-    """A registered attack and its hyperparameters; ``norms`` limits the threat norms it runs under.
+    """A registered attack and its hyperparameters; ``norms`` and ``knowledge`` limit the threat
+    models it runs under to those norms and attacker knowledge.
 
     ``label`` names the attack in the results; by default its registry name, or, when the same
     attack appears several times, the name with its parameters (``pgd(loss=margin)``).
@@ -208,6 +209,7 @@ class AttackSpec(_Strict):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
     norms: tuple[str, ...] | None = None
+    knowledge: tuple[str, ...] | None = None
     label: str | None = None
 
     @model_validator(mode="before")
@@ -216,7 +218,7 @@ class AttackSpec(_Strict):
         if isinstance(value, str):
             return {"name": value}
         if isinstance(value, dict) and "params" not in value:
-            meta = ("name", "norms", "label")
+            meta = ("name", "norms", "knowledge", "label")
             params = {k: v for k, v in value.items() if k not in meta}
             out = {k: value[k] for k in meta if k in value}
             return {**out, "params": params}
@@ -363,24 +365,26 @@ def validate_names(config: BenchmarkConfig) -> None:
     for d in config.defenses:
         if d.name != "none":
             check_defense(d)
-    threats = config.threat_models()
     for spec in config.attacks:
         attack = ATTACKS.create(spec.name, **spec.params)
-        wanted = set()
         if spec.norms is not None:
             for n in spec.norms:
                 try:
-                    wanted.add(Norm(n))
+                    Norm(n)
                 except ValueError:
                     raise ConfigError(
                         f"attack {spec.name!r}: unknown norm {n!r} in 'norms'; allowed: {', '.join(x.value for x in Norm)}"
                     ) from None
-        for tm in threats:
-            if spec.norms is not None and tm.norm not in wanted:
-                continue
+        if spec.knowledge is not None:
+            for k in spec.knowledge:
+                if k not in {x.value for x in Knowledge}:
+                    raise ConfigError(f"attack {spec.name!r}: unknown knowledge {k!r} in 'knowledge'; "
+                                      f"allowed: {', '.join(x.value for x in Knowledge)}")
+        for tm in attack_threats(config, spec):
             reason = attack.supports(tm)
             if reason:
-                hint = " (list the norms it should run under with 'norms: [...]' in its entry)" if "norm" in reason else ""
+                field = "norms" if "norm" in reason else "knowledge" if "knowledge" in reason else None
+                hint = f" (list the {field} it should run under with '{field}: [...]' in its entry)" if field else ""
                 raise ConfigError(f"{reason} (threat {tm.describe()}){hint}")
 
 
@@ -404,9 +408,8 @@ def check_defense(spec: DefenseSpec) -> list[Any]:
 
 
 def attack_threats(config: BenchmarkConfig, spec: AttackSpec) -> list[ThreatModel]:
-    """The threat models an attack entry runs under (all, or those whose norm it lists)."""
-    threats = config.threat_models()
-    if spec.norms is None:
-        return threats
-    return [t for t in threats if t.norm.value in spec.norms]
+    """The threat models an attack entry runs under: all, or those whose norm and knowledge it lists."""
+    return [t for t in config.threat_models()
+            if (spec.norms is None or t.norm.value in spec.norms)
+            and (spec.knowledge is None or t.knowledge.value in spec.knowledge)]
 

@@ -120,3 +120,37 @@ def test_every_shipped_config_is_valid(path):
         assert load_train_config(path).epochs >= 1
     else:
         assert load_config(path).attacks
+
+
+def test_attack_knowledge_filter_runs_attacks_only_under_those_threats():
+    """White-box and transfer attacks in one config: each entry lists the knowledge it runs under."""
+    from advbench.config import attack_threats
+
+    threats = [{"norm": "linf", "eps": [0.1]}, {"norm": "linf", "eps": [0.1], "knowledge": "transfer"}]
+    with pytest.raises(ConfigError, match="knowledge: \\[...\\]"):
+        parse_config(_cfg(threats=threats, attacks=["fgsm"]))
+    c = parse_config(_cfg(threats=threats, attacks=[
+        {"name": "fgsm", "knowledge": ["white_box"]},
+        {"name": "transfer", "knowledge": ["transfer"], "source": {"name": "digits-mlp"}},
+    ]))
+    assert [t.knowledge.value for t in attack_threats(c, c.attacks[0])] == ["white_box"]
+    assert [t.knowledge.value for t in attack_threats(c, c.attacks[1])] == ["transfer"]
+    assert c.attacks[1].params == {"source": {"name": "digits-mlp"}}
+    with pytest.raises(ConfigError, match="unknown knowledge 'whitebox'"):
+        parse_config(_cfg(attacks=[{"name": "fgsm", "knowledge": ["whitebox"]}]))
+
+
+def test_matrix_keeps_threats_that_differ_only_in_knowledge_apart():
+    import pandas as pd
+
+    from advbench.eval.tables import robust_accuracy_matrix
+
+    rows = [("fgsm", "white_box", 0.8), ("transfer", "transfer", 0.9), ("worst-case", "white_box", 0.8),
+            ("worst-case", "transfer", 0.9)]
+    table = pd.DataFrame([{"model": "m", "defense": "none", "attack": a, "norm": "linf", "eps": 0.1,
+                           "targeting": "untargeted", "knowledge": k, "clean_accuracy": 1.0, "robust_accuracy": r}
+                          for a, k, r in rows])
+    m = robust_accuracy_matrix(table)
+    assert list(m.columns) == ["clean", "linf 0.1", "linf 0.1 transfer"]
+    assert m.loc[("m", "none", "worst-case"), "linf 0.1"] == 80.0
+    assert m.loc[("m", "none", "worst-case"), "linf 0.1 transfer"] == 90.0

@@ -198,7 +198,8 @@ def robust_accuracy_matrix(table: pd.DataFrame, attack_order: list[str] | None =
         return pd.DataFrame()
     t = table.assign(
         threat=[f"{n} {('inf' if not np.isfinite(e) else f'{e:g}')}" + ("" if g == "untargeted" else f" {g}")
-                for n, e, g in zip(table.norm, table.eps, table.targeting)],
+                + ("" if k == "white_box" else f" {k}")  # threats that differ only in knowledge stay apart
+                for n, e, g, k in zip(table.norm, table.eps, table.targeting, table.knowledge)],
         acc=(table.robust_accuracy * 100).round(1),
     )
     clean = t.groupby(["model", "defense"], sort=False).clean_accuracy.first().mul(100).round(1)
