@@ -19,7 +19,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from advbench.errors import ConfigError
+from advbench.errors import AdvbenchError, ConfigError
 from advbench.threat import Knowledge, Norm, ThreatModel
 
 DEFAULT_CONFIG_YAML = """\
@@ -225,6 +225,13 @@ class AttackSpec(_Strict):
         return value
 
 
+class AnalysisSpec(_Strict):
+    """Matrices computed from the run's adversarial examples (advbench.eval.matrices)."""
+
+    transfer: bool = False  # each model's examples on every model (behind the same defense)
+    destruction: list[Any] = Field(default_factory=list)  # transformations: names or {name: ..., params}
+
+
 class BenchmarkConfig(_Strict):
     seed: int = 0
     device: str = "auto"
@@ -241,7 +248,8 @@ class BenchmarkConfig(_Strict):
     eot_samples: int = Field(default=10, ge=1)  # EoT draws per gradient for randomized models
     draws: int = Field(default=5, ge=1)  # scoring draws of a randomized deployed model
     randomized_scoring: Literal["mean", "all"] = "mean"  # robust on average over draws, or in every draw
-    masking_checks: bool = True  # gradient-masking flags, an unbounded probe and gradient checks
+    masking_checks: bool = True
+    analysis: AnalysisSpec | None = None  # transfer and destruction-rate matrices (keeps adversarial examples)  # gradient-masking flags, an unbounded probe and gradient checks
 
     @field_validator("adaptive", mode="before")
     @classmethod
@@ -292,7 +300,10 @@ class BenchmarkConfig(_Strict):
         return out
 
     def canonical(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", by_alias=True)
+        d = self.model_dump(mode="json", by_alias=True)
+        if d.get("analysis") is None:  # configs without it keep the hashes (and stored runs) they had
+            d.pop("analysis", None)
+        return d
 
     def hash(self) -> str:
         blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
@@ -365,6 +376,14 @@ def validate_names(config: BenchmarkConfig) -> None:
     for d in config.defenses:
         if d.name != "none":
             check_defense(d)
+    if config.analysis is not None:
+        from advbench.analysis.transformations import make_transformation
+
+        for t in config.analysis.destruction:
+            try:
+                make_transformation(t)
+            except AdvbenchError as exc:  # an unknown name or a bad parameter
+                raise ConfigError(f"analysis.destruction: {exc}") from None
     for spec in config.attacks:
         attack = ATTACKS.create(spec.name, **spec.params)
         if spec.norms is not None:

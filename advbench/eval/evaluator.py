@@ -251,12 +251,13 @@ def evaluate(
         worker = Worker(device, robust_lookup=lambda keys: store.robust_mask(config_hash, keys), amp=config.amp)
         worker.preload_data(config.data.model_dump(mode="json"), data)
         tags = functools.partial(worker.tags, seed=config.seed)
-        jobs = plan_jobs(config, indices, save_adversarial, tags=tags)
+        keep = save_adversarial or config.analysis is not None  # the matrices need the examples
+        jobs = plan_jobs(config, indices, keep, tags=tags)
         jobs += plan_probes(config, indices, int(data.x[0].numel()), tags=tags)
         finished = store.finished_keys(config_hash)
         todo = [
             j for j in jobs
-            if j.key not in finished or (save_adversarial and not store.has_adversarial(config_hash, j.key))
+            if j.key not in finished or (keep and not j.probe and not store.has_adversarial(config_hash, j.key))
         ]
         show = sys.stderr.isatty() if progress is None else progress
         bar = tqdm(total=len(todo), disable=not show, desc="advbench", unit="job", dynamic_ncols=True)
@@ -269,6 +270,10 @@ def evaluate(
             bar.close()
         gradients = gradient_checks(worker, config, jobs, data, indices) if config.masking_checks else ([], [])
         table, matrix, masking = build_tables(store, config, jobs, *gradients)
+        if config.analysis is not None:
+            from advbench.eval.matrices import write_matrices
+
+            write_matrices(store, config, jobs, worker, out)
         if save_adversarial:
             _write_adversarial(store, config_hash, [j for j in jobs if not j.probe], out / "adversarial")
 

@@ -70,5 +70,14 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
     text = markdown.report(config_hash=run.config_hash, seed=run.config.seed, provenance=run.provenance,
                            matrix=tables.matrix, missing=tables.missing, masking=tables.masking, cost=tables.cost,
                            plots=[p.name for p in pngs])
+    # the transfer and destruction matrices the run computed (config section ``analysis``), as stored
+    for name in ("transfer.md", "destruction.md"):
+        stored = run.folder / name
+        if stored.is_file():
+            body = stored.read_text()
+            atomic_write_text(folder / name, body)
+            files.append(folder / name)
+            nested = "\n".join("#" + line if line.startswith("#") else line for line in body.splitlines())
+            text = text.rstrip("\n") + "\n\n" + nested + "\n"
     atomic_write_text(folder / "report.md", text)
     return Report(folder, tables, [folder / "report.md", *files, *pngs])
