@@ -50,7 +50,7 @@ def board(tiny, tmp_path):
 def test_check_passes_on_the_real_entries(capsys):
     code, out, err = _run(capsys, "check", "--dir", REAL)
     assert code == 0, out + err
-    assert "leaderboard check passed: 4 entries" in out
+    assert "leaderboard check passed: 6 entries" in out
 
 
 def test_check_passes_on_unchanged_entries(board, capsys):
@@ -85,14 +85,14 @@ def test_check_reports_missing_and_stale_entries(board, capsys):
 
 def test_entries_are_numbers_and_the_schema_round_trips():
     entries = lb.load_entries(REAL)
-    assert sorted(entries) == sorted(f"{m}__none__{t}" for m in ("digits-mlp", "digits-cnn") for t in ("linf-0.1", "l2-1"))
+    assert sorted(entries) == sorted(f"{m}__none__{t}" for m in ("digits-mlp", "digits-cnn", "mnist-cnn") for t in ("linf-0.1", "l2-1"))
     for name, e in entries.items():
         assert lb.entry_name(e) == name and e["schema_version"] == lb.SCHEMA_VERSION
         assert json.loads(lb.dumps(e)) == e
         for v in (e["clean_accuracy"], e["robust_accuracy"], *e["attacks"].values()):
             assert isinstance(v, float) and 0 <= v <= 1
         assert e["robust_accuracy"] <= min(e["attacks"].values()) and isinstance(e["n"], int)
-        assert set(e["attacks"]) == {"fgsm", "pgd", "deepfool"} and e["n"] == 360
+        assert set(e["attacks"]) == {"fgsm", "pgd", "deepfool"} and e["n"] == (200 if name.startswith("mnist") else 360)
         assert e["config"]["seed"] == e["seed"] and len(e["config_hash"]) == 16 and e["versions"]["torch"]
 
 
