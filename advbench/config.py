@@ -230,6 +230,7 @@ class AnalysisSpec(_Strict):
 
     transfer: bool = False  # each model's examples on every model (behind the same defense)
     destruction: list[Any] = Field(default_factory=list)  # transformations: names or {name: ..., params}
+    amplify: list[float] = Field(default_factory=list)  # transfer: also each perturbation scaled to these stds
 
 
 class BenchmarkConfig(_Strict):

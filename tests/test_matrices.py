@@ -18,7 +18,8 @@ def _config(**over):
         "threats": [{"norm": "linf", "eps": [0.1, 0.2]}],
         "attacks": ["fgsm", {"name": "pgd", "steps": 5}],
         "masking_checks": False,
-        "analysis": {"transfer": True, "destruction": ["photo", {"name": "jpeg", "quality": 50}]},
+        "analysis": {"transfer": True, "amplify": [0.1],
+                     "destruction": ["photo", {"name": "jpeg", "quality": 50}]},
     }
     base.update(over)
     return parse_config(base)
@@ -90,3 +91,19 @@ def test_report_carries_the_matrices(run, tmp_path):
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Transfer matrices" in text and "### none / linf / 0.1" in text and "## Destruction rates" in text
     assert (tmp_path / "report" / "transfer.md").read_text() == (out / "transfer.md").read_text()
+
+
+def test_amplified_rows_and_heatmaps(run, tmp_path):
+    from PIL import Image
+
+    from advbench.report.build import build_report
+
+    _, out = run
+    transfer = pd.read_csv(out / "transfer.csv")
+    amplified = transfer[transfer.source.str.contains("amplified to std=0.1")]
+    assert len(amplified) and set(transfer.source.str.startswith("uniform[")) == {True, False}
+    report = build_report(out, tmp_path / "r")
+    for name in ("transfer.png", "destruction.png"):
+        with Image.open(tmp_path / "r" / name) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+        assert tmp_path / "r" / name in report.files

@@ -6,7 +6,8 @@ store, and after the attacks the evaluator computes
 - **transfer** (Szegedy et al.): for each defense, threat model and attack, the examples crafted
   on each model (white-box) evaluated on every model of the config behind the same defense:
   error rate per (source, target), the diagonal being the white-box number, with each source's
-  average distortion and matched Gaussian-noise rows (:func:`advbench.analysis.transfer.transfer_matrix`);
+  average distortion, matched Gaussian and uniform noise rows and optionally the perturbations
+  amplified to given stds (:func:`advbench.analysis.transfer.transfer_matrix`);
 - **destruction** (Kurakin et al.): for each cell, the destruction rate of every configured
   transformation, average and prefiltered case, top-1 and top-5
   (:func:`advbench.analysis.destruction.destruction_records`).
@@ -56,7 +57,7 @@ def _threat_columns(threat_json: str) -> dict[str, Any]:
 
 
 def transfer_table(cells: dict[Cell, dict[str, np.ndarray]], models: dict[tuple[str, str], torch.nn.Module],
-                   seed: int) -> pd.DataFrame:
+                   seed: int, amplify: list[float] | None = None) -> pd.DataFrame:
     """Long table: defense, threat, attack, source (a model or a noise row), target, error rate,
     errors, n, av_distortion. ``models`` maps (model, defense) to the deployed model."""
     from advbench.analysis.transfer import transfer_matrix
@@ -74,7 +75,8 @@ def transfer_table(cells: dict[Cell, dict[str, np.ndarray]], models: dict[tuple[
         sources = {m: torch.from_numpy(by_model[m]["x_adv"]) for m in names}
         targets = {m: models[(m, defense)] for (m, d) in models if d == defense}
         bounds = tuple(json.loads(threat_json).get("bounds", (0.0, 1.0)))
-        result = transfer_matrix(sources, targets, x, y, bounds=bounds, noise=("gaussian",), seed=seed)
+        result = transfer_matrix(sources, targets, x, y, bounds=bounds, noise=("gaussian", "uniform"),
+                                 amplify_to=tuple(amplify or ()), seed=seed)
         for source, rates in result.rates.iterrows():
             for target in targets:
                 rows.append({"defense": defense, **_threat_columns(threat_json), "attack": attack, "source": source,
@@ -130,7 +132,7 @@ def write_matrices(store: ResultStore, config: BenchmarkConfig, jobs: list[Job],
     models = {(m.name, d.name): worker.model(model_spec(m), defense_spec(d), config.seed)
               for m in config.models for d in config.defenses}
     if analysis.transfer:
-        table = transfer_table(cells, models, config.seed)
+        table = transfer_table(cells, models, config.seed, list(analysis.amplify))
         atomic_write_text(out / "transfer.csv", table.to_csv(index=False))
         text = ["# Transfer matrices (error rate of each target on each source's examples)\n"]
         if not table.empty:

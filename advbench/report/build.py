@@ -70,6 +70,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
     text = markdown.report(config_hash=run.config_hash, seed=run.config.seed, provenance=run.provenance,
                            matrix=tables.matrix, missing=tables.missing, masking=tables.masking, cost=tables.cost,
                            plots=[p.name for p in pngs])
+    pngs += _analysis_heatmaps(run.folder, folder)
     # the transfer and destruction matrices the run computed (config section ``analysis``), as stored
     for name in ("transfer.md", "destruction.md"):
         stored = run.folder / name
@@ -81,3 +82,31 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
             text = text.rstrip("\n") + "\n\n" + nested + "\n"
     atomic_write_text(folder / "report.md", text)
     return Report(folder, tables, [folder / "report.md", *files, *pngs])
+
+
+def _analysis_heatmaps(run_folder: Path, folder: Path) -> list[Path]:
+    """Heatmaps of the run's transfer (error rate %, rows defense / threat / attack / source,
+    columns target) and destruction matrices (top-1 average case %, columns transformation)."""
+    import pandas as pd
+
+    written = []
+    transfer = run_folder / "transfer.csv"
+    if transfer.is_file():
+        t = pd.read_csv(transfer)
+        if not t.empty:
+            t["row"] = [f"{d} / {n} {e:g} / {a} / {s}" for d, n, e, a, s in
+                        zip(t.defense, t.norm, t.eps, t.attack, t.source)]
+            m = t.pivot_table(index="row", columns="target", values="error_rate", sort=False) * 100
+            plots.heatmap(m, folder / "transfer.png", "transfer: error rate of each target (%)")
+            written.append(folder / "transfer.png")
+    destruction = run_folder / "destruction.csv"
+    if destruction.is_file():
+        d = pd.read_csv(destruction)
+        d = d[(d["case"] == "average") & (d["topk"] == 1)]
+        if not d.empty:
+            d = d.assign(row=[f"{m} / {de} / {a} / {n} {e:g}" for m, de, a, n, e in
+                              zip(d.model, d.defense, d.attack, d.norm, d.eps)])
+            m = d.pivot_table(index="row", columns="transformation", values="rate", sort=False) * 100
+            plots.heatmap(m, folder / "destruction.png", "destruction rate (%), top-1, average case")
+            written.append(folder / "destruction.png")
+    return written

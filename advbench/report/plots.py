@@ -27,12 +27,14 @@ def _save(fig, path: Path) -> None:
     atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png", metadata={"Software": None}))
 
 
-def heatmap(matrix: pd.DataFrame, path: Path) -> None:
-    """Robust accuracy (%) per model / defense / attack (rows) and threat (columns); a missing cell is grey."""
+def heatmap(matrix: pd.DataFrame, path: Path, title: str = "robust accuracy (%)") -> None:
+    """A matrix of percentages (default: robust accuracy per model / defense / attack and threat);
+    a missing cell is grey."""
     values = matrix.drop(columns=["flags"], errors="ignore")
     data = values.to_numpy(dtype=float)
-    rows = [" / ".join(map(str, r)) for r in values.index]
-    fig = _figure(2.5 + 0.9 * data.shape[1], 1.2 + 0.4 * data.shape[0])
+    rows = [" / ".join(map(str, r)) if isinstance(r, tuple) else str(r) for r in values.index]
+    label = max((len(r) for r in rows), default=0)  # room for the row labels, at ~0.07 in a character
+    fig = _figure(2.5 + 0.9 * data.shape[1] + 0.07 * label, 1.6 + 0.4 * data.shape[0])
     ax = fig.subplots()
     from matplotlib import colormaps
 
@@ -43,7 +45,7 @@ def heatmap(matrix: pd.DataFrame, path: Path) -> None:
                 color="black" if math.isnan(v) or v > 60 else "white")
     ax.set_xticks(range(data.shape[1]), [str(c) for c in values.columns], rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(data.shape[0]), rows, fontsize=8)
-    ax.set_title("robust accuracy (%)", fontsize=10)
+    ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, shrink=0.8)
     _save(fig, path)
 
