@@ -45,6 +45,8 @@ def test_transfer_diagonal_is_the_white_box_error_rate(run):
     attacks = transfer[transfer.source.isin(["digits-mlp", "digits-cnn"])]
     assert noise.error_rate.mean() < attacks.error_rate.mean()  # the attacks transfer more than noise
     assert "## none / linf / 0.1" in (out / "transfer.md").read_text()
+    records = pd.read_json(out / "transfer.json")
+    assert len(records) == len(transfer) and records.error_rate.to_numpy() == pytest.approx(transfer.error_rate.to_numpy())
 
 
 def test_destruction_counts_match_the_run(run):

@@ -12,7 +12,8 @@ store, and after the attacks the evaluator computes
   transformation, average and prefiltered case, top-1 and top-5
   (:func:`advbench.analysis.destruction.destruction_records`).
 
-Both are written as long tables (``transfer.csv``, ``destruction.csv``) and Markdown pivots;
+Both are written as long tables (``transfer.csv``/``.json``, ``destruction.csv``/``.json``) and
+Markdown pivots;
 nothing here reruns an attack, so a resumed run gives the same matrices.
 """
 
@@ -134,6 +135,7 @@ def write_matrices(store: ResultStore, config: BenchmarkConfig, jobs: list[Job],
     if analysis.transfer:
         table = transfer_table(cells, models, config.seed, list(analysis.amplify))
         atomic_write_text(out / "transfer.csv", table.to_csv(index=False))
+        atomic_write_text(out / "transfer.json", table.to_json(orient="records", indent=1))
         text = ["# Transfer matrices (error rate of each target on each source's examples)\n"]
         if not table.empty:
             for key, group in table.groupby(["defense", "norm", "eps", "targeting", "knowledge", "attack"], sort=False):
@@ -145,6 +147,7 @@ def write_matrices(store: ResultStore, config: BenchmarkConfig, jobs: list[Job],
     if analysis.destruction:
         table = destruction_table(cells, models, list(analysis.destruction), config.seed)
         atomic_write_text(out / "destruction.csv", table.to_csv(index=False))
+        atomic_write_text(out / "destruction.json", table.to_json(orient="records", indent=1))
         text = ["# Destruction rates (Kurakin et al.): rows model / defense / attack / eps\n"]
         if not table.empty:
             pivot = table.pivot_table(index=["model", "defense", "norm", "attack", "eps"],
