@@ -33,6 +33,7 @@ import torch
 
 from _common import publish  # benchmarks/ is on sys.path when a script runs
 
+from advbench.report.markdown import table as pipe_table
 from advbench.analysis.destruction import destruction_records, pivot_destruction
 from advbench.models.zoo import load_zoo_model
 from advbench.registry import ATTACKS, DATASETS
@@ -82,17 +83,6 @@ def craft(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -
                                        generator=torch.Generator().manual_seed(seed))
             out[(label, eps)] = res.x_adv
     return out
-
-
-def markdown(table: pd.DataFrame) -> str:
-    """A Markdown table of ``table`` with its (possibly multi-level) row index as leading columns."""
-    flat = table.reset_index()
-    head = [" ".join(map(str, c)).strip() if isinstance(c, tuple) else str(c) for c in flat.columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for row in flat.itertuples(index=False):
-        lines.append("| " + " | ".join("" if pd.isna(v) else f"{v:g}" if isinstance(v, float) else str(v)
-                                       for v in row) + " |")
-    return "\n".join(lines)
 
 
 def percent(table: pd.DataFrame) -> pd.DataFrame:
@@ -151,11 +141,11 @@ cifar10-cnn (zoo), clean accuracy {100 * clean_acc:.1f}% on the first {n} test i
 
 ## The paper's table: the photo transformation (destruction rate %, with the paper's numbers beside)
 
-{markdown(side)}
+{pipe_table(side, index=True, float_format=lambda v: f"{v:g}")}
 
 Images counted (the denominator: clean right, adversarial wrong; prefiltered: also confident):
 
-{markdown(counts)}
+{pipe_table(counts, index=True, float_format=lambda v: f"{v:g}")}
 
 Ordering (the paper: fast-method images survive the transformation best, least-likely-class
 images worst), top-1, average case:
@@ -164,11 +154,11 @@ images worst), top-1, average case:
 
 ## Every transformation, top-1, average case (destruction rate %)
 
-{markdown(per_transform)}
+{pipe_table(per_transform, index=True, float_format=lambda v: f"{v:g}")}
 
 ## Every transformation, top-1, prefiltered case (destruction rate %)
 
-{markdown(per_transform_pre)}
+{pipe_table(per_transform_pre, index=True, float_format=lambda v: f"{v:g}")}
 """
     publish(text, args.out)
     return 0

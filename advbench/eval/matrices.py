@@ -112,13 +112,9 @@ def destruction_table(cells: dict[Cell, dict[str, np.ndarray]], models: dict[tup
 
 
 def _markdown(table: pd.DataFrame) -> str:
-    flat = table.reset_index()
-    head = [" ".join(str(p) for p in c if p != "").strip() if isinstance(c, tuple) else str(c) for c in flat.columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for row in flat.itertuples(index=False):
-        lines.append("| " + " | ".join("" if pd.isna(v) else f"{v:.3g}" if isinstance(v, float) else str(v)
-                                       for v in row) + " |")
-    return "\n".join(lines)
+    from advbench.report.markdown import table as pipe_table
+
+    return pipe_table(table, index=True, float_format=lambda v: f"{v:.3g}")
 
 
 @torch.no_grad()

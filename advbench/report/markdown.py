@@ -20,11 +20,11 @@ def _cell(value: Any, float_format: Callable[[float], str]) -> str:
 
 
 def table(df: pd.DataFrame, index: bool = False, float_format: Callable[[float], str] = lambda v: f"{v:.4g}") -> str:
-    """``df`` as a Markdown pipe table (a NaN shows as –)."""
+    """``df`` as a Markdown pipe table (a NaN shows as –; multi-level column names joined by spaces)."""
     if df.empty:
         return "(none)\n"
     frame = df.reset_index() if index else df
-    head = [str(c) for c in frame.columns]
+    head = [" ".join(str(p) for p in c if p != "") if isinstance(c, tuple) else str(c) for c in frame.columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for row in frame.itertuples(index=False):
         lines.append("| " + " | ".join(_cell(v, float_format) for v in row) + " |")
