@@ -37,6 +37,7 @@ from torch import nn
 from _common import publish  # benchmarks/ is on sys.path when a script runs
 
 from advbench.analysis.transfer import transfer_matrix
+from advbench.report.markdown import table as pipe_table
 from advbench.registry import ATTACKS, DATASETS
 from advbench.threat import ThreatModel
 
@@ -60,7 +61,14 @@ CROSS_TRAINING = {
 }
 
 
-def fc(hidden: Sequence[int]) -> nn.Module:
+def fc(hidden: Sequence[int], seed: int) -> nn.Module:
+    """The fully connected net, its initial weights drawn from ``seed`` (the global RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _fc(hidden)
+
+
+def _fc(hidden: Sequence[int]) -> nn.Module:
     layers: list[nn.Module] = [nn.Flatten()]
     width = 28 * 28
     for h in hidden:
@@ -101,14 +109,6 @@ def lbfgs_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
     return res.x_minimal
 
 
-def markdown(table: pd.DataFrame) -> str:
-    flat = table.reset_index()
-    lines = ["| " + " | ".join(map(str, flat.columns)) + " |", "|" + " --- |" * len(flat.columns)]
-    for row in flat.itertuples(index=False):
-        lines.append("| " + " | ".join(str(v) for v in row) + " |")
-    return "\n".join(lines)
-
-
 def shown(rates: pd.DataFrame, targets: Sequence[str]) -> pd.DataFrame:
     """Error rates in %, the distortion as a number, rows renamed as in the paper."""
     out = (100 * rates[list(targets)]).round(1).astype(str) + "%"
@@ -139,12 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     x, y = evaluation.x[:n], evaluation.y[:n]
     t0 = time.perf_counter()
 
-    cross = {name: train(fc(h), train_set.x, train_set.y, wd, epochs, args.seed + i)
+    cross = {name: train(fc(h, args.seed + i), train_set.x, train_set.y, wd, epochs, args.seed + i)
              for i, (name, (h, wd)) in enumerate(CROSS_MODEL.items())}
     rates1, attack1 = table(cross, x, y, noise=(), noise_stds=(0.1, 0.3), seed=args.seed)
     half = len(train_set.y) // 2
     parts = [slice(0, half), slice(half, None)]
-    disjoint = {name: train(fc(h), train_set.x[parts[p_]], train_set.y[parts[p_]], 1e-4, epochs, seed)
+    disjoint = {name: train(fc(h, args.seed + seed), train_set.x[parts[p_]], train_set.y[parts[p_]], 1e-4, epochs,
+                            args.seed + seed)
                 for name, (h, p_, seed) in CROSS_TRAINING.items()}
     rates2, attack2 = table(disjoint, x, y, noise=(), noise_stds=(0.06, 0.1), amplify_to=(0.1,), seed=args.seed)
     seconds = time.perf_counter() - t0
@@ -170,11 +171,11 @@ Clean accuracy on the evaluation images: {acc_line} ("(P)": the cross-training-s
 The `clean` row is each model's error on the clean images; the diagonal is the white-box rate;
 `av. distortion` is the mean RMS change per pixel (Szegedy's "av. distortion").
 
-{markdown(shown(rates1, list(cross)))}
+{pipe_table(shown(rates1, list(cross)), index=True)}
 
 ## Cross-training-set generalization (P1: FC100-100-10 and FC123-456-10; P2: FC100-100-10')
 
-{markdown(shown(rates2, list(disjoint)))}
+{pipe_table(shown(rates2, list(disjoint)), index=True)}
 """
     publish(text, args.out)
     return 0
