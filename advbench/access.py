@@ -1,5 +1,10 @@
 """Model handles that enforce the attacker's knowledge and count what the attack used.
 
+Passes are counted **per example** (as AttackBench does): a forward call on a batch of B inputs
+is B forward passes, a backward through it B backward passes, whatever the batch size, so costs
+compare across configs, batch sizes and peer libraries. A model that runs its classifier several
+times per input (an EoT view over S draws) says so with ``passes_per_input`` (S).
+
 - :class:`WhiteBoxModel`: logits with gradients; counts forward and backward passes.
 - :class:`ScoreOracle`: probabilities only (no gradient can flow), queries counted per example.
 - :class:`LabelOracle`: top-1 labels only, queries counted per example.
@@ -30,12 +35,13 @@ class WhiteBoxModel(nn.Module):
         self.model = model
         self.n_forward = 0
         self.n_backward = 0
+        self._per_input = int(getattr(model, "passes_per_input", 1))
 
     def _count_backward(self, grad: torch.Tensor) -> None:
-        self.n_backward += 1
+        self.n_backward += grad.shape[0] * self._per_input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.n_forward += 1
+        self.n_forward += x.shape[0] * self._per_input
         out = self.model(x)
         if out.requires_grad:
             out.register_hook(self._count_backward)
@@ -72,7 +78,7 @@ class _Oracle:
     @torch.no_grad()
     def _logits(self, x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
         self._charge(x.shape[0], index)
-        self.n_forward += 1
+        self.n_forward += x.shape[0]
         return self._model(x.detach())
 
     def remaining(self) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 A :class:`ThreatModel` is frozen, hashable and serializable (``to_dict``/``from_dict``). It
 projects onto its perturbation set, measures distances in its norm and tests membership
-with a tolerance of float32 rounding only. Inputs follow the PyTorch convention: a batch
+allowing floating-point rounding only (:meth:`ThreatModel.slack`). Inputs follow the PyTorch convention: a batch
 ``x`` of shape ``(N, ...)`` (images NCHW) with values inside ``bounds``.
 
 Norm conventions (per example):
@@ -24,9 +24,6 @@ from typing import Any
 import torch
 
 from advbench.errors import ConfigError
-
-FLOAT32_EPS = float(torch.finfo(torch.float32).eps)
-
 
 class Norm(str, Enum):
     LINF = "linf"
@@ -77,8 +74,8 @@ class ThreatModel:
 
     ``eps`` is in input units (for bounds [0, 1], ``8/255`` is 8 grey levels); for ``l0`` it is
     a whole number of pixels. ``query_budget`` counts model queries *per example* for score- and
-    decision-based attackers. ``quantize="8bit"`` makes the audit also require the example to stay
-    adversarial after rounding to 256 levels, as a saved image would be.
+    decision-based attackers. ``quantize="8bit"`` makes the image that counts the example rounded
+    to 256 levels, as a saved image would be (:meth:`quantized`); it must pass the audit itself.
     """
 
     norm: Norm = Norm.LINF
@@ -163,28 +160,33 @@ class ThreatModel:
         return s
 
     # ------------------------------------------------------------------ geometry
-    @property
-    def tolerance(self) -> float:
-        """Slack allowed in membership tests: float32 rounding of the values involved, nothing more."""
-        lo, hi = self.bounds
-        scale = max(abs(lo), abs(hi), 1.0)
-        if self.norm is Norm.LINF:
-            return 4 * FLOAT32_EPS * scale
-        if self.norm in (Norm.L2, Norm.L1):
-            return 1e-5 * max(self.eps, FLOAT32_EPS) + 4 * FLOAT32_EPS * scale
-        return 0.0
-
     def distance(self, x_adv: torch.Tensor, x: torch.Tensor, norm: Norm | str | None = None) -> torch.Tensor:
-        """Per-example distance in this threat model's norm (or ``norm``), shape (N,), float32."""
-        norm = self.norm if norm is None else _enum(Norm, norm, "norm")
-        delta = (x_adv - x).float()
-        if norm in (Norm.LINF, Norm.UNBOUNDED):
-            return _flat(delta).abs().amax(dim=1)
-        if norm is Norm.L2:
-            return _flat(delta).norm(p=2, dim=1)
-        if norm is Norm.L1:
-            return _flat(delta).abs().sum(dim=1)
-        return (_pixel_magnitude(delta) > 0).sum(dim=1).float()
+        """Per-example distance in this threat model's norm (or ``norm``), shape (N,), float32.
+
+        Computed in float64 (the difference of two float32 tensors is exact there), then rounded."""
+        return _distance(x_adv, x, self.norm if norm is None else _enum(Norm, norm, "norm")).float()
+
+    def slack(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per example, how far past ``eps`` a point may lie and still count as inside the ball
+        (float64, (N,)): exactly what rounding to the inputs' floating-point type can add.
+
+        A point inside the ball, computed in float32, is x + delta with delta rounded once or twice
+        (eps converted to float32, a projection's scale factor and its product: relative error at
+        most 2u, u = 2^-24) and the sum rounded once (at most half a unit in the last place of the
+        result); ``x`` itself is a rounded value too (data on a grid such as k/255). So each element
+        may exceed its share of the ball by (ulp(x_adv) + ulp(x)) / 2, and the budget by 2u eps:
+        linf: per element; l2 and l1: the norm of those per-element terms (triangle inequality). No
+        slack for l0 (a count) or unbounded."""
+        n = x_adv.shape[0]
+        if self.norm in (Norm.L0, Norm.UNBOUNDED):
+            return torch.zeros(n, dtype=torch.float64, device=x_adv.device)
+        e = _half_ulp(torch.nan_to_num(x_adv)) + _half_ulp(x)
+        rel = 2 * _unit_roundoff(x_adv) * self.eps
+        if self.norm is Norm.LINF:
+            return rel + _flat(e).amax(dim=1)
+        if self.norm is Norm.L2:
+            return rel + _flat(e).norm(p=2, dim=1)
+        return rel + _flat(e).sum(dim=1)
 
     def clip(self, x: torch.Tensor) -> torch.Tensor:
         lo, hi = self.bounds
@@ -195,13 +197,43 @@ class ThreatModel:
         return _flat((x >= lo) & (x <= hi)).all(dim=1)
 
     def contains(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Per-example membership: finite, inside the bounds and inside the eps-ball (bool, (N,))."""
+        """Per-example membership: finite, inside the bounds and inside the eps-ball, allowing the
+        rounding :meth:`slack` describes and nothing more (bool, (N,)). For linf every element is
+        held to its own share of the slack."""
         finite = _flat(torch.isfinite(x_adv)).all(dim=1)
         ok = finite & self.in_bounds(x_adv)
-        if self.norm is not Norm.UNBOUNDED:
-            d = self.distance(torch.nan_to_num(x_adv), x)
-            ok &= d <= self.eps + self.tolerance
-        return ok
+        if self.norm is Norm.UNBOUNDED:
+            return ok
+        safe = torch.nan_to_num(x_adv)
+        if self.norm is Norm.LINF:
+            return ok & _flat(self._linf_inside(safe, x)).all(dim=1)
+        return ok & (_distance(safe, x, self.norm) <= self.eps + self.slack(safe, x))
+
+    def _linf_inside(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Per element, whether ``x_adv`` is within eps of ``x`` up to its own rounding slack."""
+        excess = (x_adv.double() - x.double()).abs() - _half_ulp(x_adv) - _half_ulp(x)
+        return excess <= self.eps * (1 + 2 * _unit_roundoff(x_adv))
+
+    def quantized(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The 8-bit image that counts for ``x_adv`` (with ``quantize: 8bit``): every value rounded
+        to the nearest of 256 levels across the bounds, as saving the image would, except where
+        that rounding leaves the eps-ball, where it is rounded to the neighbouring level on the side
+        of ``x`` instead (linf: per element; other norms: the whole example). On data that lies on
+        the grid the result is always inside the ball; off the grid it may not be, and the audit
+        then rejects it."""
+        lo, hi = self.bounds
+        scale = (hi - lo) / 255
+        level = torch.round((x_adv - lo) / scale)
+        nearest = level * scale + lo
+        # the neighbouring level toward x, where rounding to the nearest one moved away from x
+        away = (nearest - x_adv) * (x_adv - x) > 0
+        toward = torch.where(away, (level - torch.sign(x_adv - x)).clamp(0, 255) * scale + lo, nearest)
+        if self.norm is Norm.UNBOUNDED:
+            return nearest
+        if self.norm is Norm.LINF:
+            return torch.where(self._linf_inside(nearest, x), nearest, toward)
+        inside = self.contains(nearest, x).view(-1, *([1] * (x.dim() - 1)))
+        return torch.where(inside, nearest, toward)
 
     def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Euclidean projection of ``x_adv`` onto the eps-ball around ``x``, then into the bounds.
@@ -213,9 +245,9 @@ class ThreatModel:
         delta = x_adv - x
         if self.norm is Norm.LINF:
             delta = delta.clamp(-self.eps, self.eps)
-        elif self.norm is Norm.L2:
-            n = _flat(delta).norm(p=2, dim=1).clamp_min(1e-12)
-            factor = (self.eps / n).clamp(max=1.0).view(-1, *([1] * (delta.dim() - 1)))
+        elif self.norm is Norm.L2:  # the norm and the scale in float64: one rounding of the product
+            n = torch.linalg.vector_norm(_flat(delta), 2, dim=1, dtype=torch.float64).clamp_min(1e-12)
+            factor = (self.eps / n).clamp(max=1.0).to(delta.dtype).view(-1, *([1] * (delta.dim() - 1)))
             delta = delta * factor
         elif self.norm is Norm.L1:
             delta = project_l1(delta, self.eps)
@@ -245,8 +277,37 @@ class ThreatModel:
         return (y + offset) % k
 
 
+def _distance(x_adv: torch.Tensor, x: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """Per-example distance in ``norm``, float64 (exact differences for float32 inputs)."""
+    delta = x_adv.double() - x.double()
+    if norm in (Norm.LINF, Norm.UNBOUNDED):
+        return _flat(delta).abs().amax(dim=1)
+    if norm is Norm.L2:
+        return _flat(delta).norm(p=2, dim=1)
+    if norm is Norm.L1:
+        return _flat(delta).abs().sum(dim=1)
+    return (_pixel_magnitude(delta) > 0).sum(dim=1).double()
+
+
+def _unit_roundoff(t: torch.Tensor) -> float:
+    """u, the largest relative rounding error of ``t``'s floating-point type (2^-24 for float32)."""
+    return float(torch.finfo(t.dtype if t.is_floating_point() else torch.float32).eps) / 2
+
+
+def _half_ulp(t: torch.Tensor) -> torch.Tensor:
+    """Half the spacing of ``t``'s floating-point numbers at each of its values (float64): the
+    largest error of rounding a real number to that value."""
+    a = t.abs() if t.is_floating_point() else t.float().abs()
+    return (torch.nextafter(a, torch.full_like(a, math.inf)) - a).double() / 2
+
+
 def project_l1(delta: torch.Tensor, eps: float) -> torch.Tensor:
-    """Exact Euclidean projection of each row onto the L1 ball (Duchi et al. 2008), batched."""
+    """Exact Euclidean projection of each row onto the L1 ball (Duchi et al. 2008), batched.
+
+    Computed in float64 and rounded once: float32 sums over many elements would leave the
+    result's L1 norm further above eps than one rounding allows."""
+    if delta.dtype != torch.float64 and delta.is_floating_point():
+        return project_l1(delta.double(), eps).to(delta.dtype)
     flat = _flat(delta)
     abs_ = flat.abs()
     inside = abs_.sum(dim=1) <= eps

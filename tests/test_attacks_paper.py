@@ -134,9 +134,9 @@ def test_bim_default_iterations_follow_the_paper(eps_255, steps):
 def test_bim_runs_its_default_schedule(digits_mlp, digits_test):
     x, y = digits_test.x[:20], digits_test.y[:20]
     res = ATTACKS.create("bim")(digits_mlp, x, y, ThreatModel(eps=4 / 255))
-    assert res.n_backward == 5 and res.n_forward == 5
+    assert res.n_backward == 5 * 20 and res.n_forward == 5 * 20  # per example
     res = ATTACKS.create("bim", steps=3, step_size=0.01)(digits_mlp, x, y, ThreatModel(eps=4 / 255))
-    assert res.n_backward == 3
+    assert res.n_backward == 3 * 20
 
 
 def paper_clip(x_new: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:

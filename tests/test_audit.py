@@ -50,10 +50,11 @@ def threshold_model(coord: int = 0, at: float = 0.5, gain: float = 100.0, d: int
 def _crafted(x: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
     """Row k of the batch gets case k: every case moves coordinate 0 across the decision
     boundary of ``threshold_model`` (so it *would* be adversarial), then:
-    0 exactly on the ball's boundary (valid), 1 outside the ball by 2x the float32 tolerance,
+    0 exactly on the ball's boundary (valid), 1 outside the ball by 2x its float32 slack,
     2 inside the ball but above the upper bound, 3 NaN elsewhere, 4 +inf elsewhere,
     5 untouched (valid, not adversarial)."""
-    eps, tol = threat.eps, threat.tolerance
+    eps = threat.eps
+    tol = float(threat.slack(x + eps / x[0].numel() ** 0.5, x).max())
     out = x.clone().view(x.shape[0], -1)
     e0 = torch.zeros_like(out[0])
     e0[0] = 1.0
@@ -97,7 +98,8 @@ def test_violating_examples_never_count(register, norm, eps):
     # the cases are what they claim to be (distances in float64, from the float32 tensors)
     dist = (x_adv - x).flatten(1).double().nan_to_num(0.0)
     dist = dist.abs().amax(1) if norm == "linf" else dist.norm(dim=1)
-    assert dist[0] <= eps + threat.tolerance and dist[1] > eps + threat.tolerance
+    slack = threat.slack(x_adv.nan_to_num(0.3), x)
+    assert dist[0] <= eps + slack[0] and dist[1] > eps + slack[1]
     with torch.no_grad():
         would_be = model(torch.nan_to_num(x_adv, nan=0.3, posinf=0.3)).argmax(1) != y
     assert would_be[:5].all() and not would_be[5]
@@ -107,7 +109,7 @@ def test_violating_examples_never_count(register, norm, eps):
     assert res.success.tolist() == [True, False, False, False, False, False]
     assert res.n_violations == 4
     assert torch.equal(res.pred_adv[1:5], torch.zeros(4, dtype=torch.long))  # judged on the clean stand-in
-    assert (res.distances[res.valid] <= eps + threat.tolerance).all()
+    assert (res.distances[res.valid].double() <= eps + threat.slack(res.x_adv, x)[res.valid]).all()
     # the audit function itself, called directly, agrees
     report = audit(model, x, x_adv, y, threat)
     assert torch.equal(report.valid, res.valid) and torch.equal(report.success, res.success)
@@ -119,8 +121,9 @@ def test_boundary_tolerance_is_float32_rounding_only():
     signs = torch.tensor([1.0, -1.0]).repeat(2).view(4, 1, 1, 1)
     on = x + signs * threat.eps
     assert threat.contains(on, x).all()
-    assert threat.tolerance < 1e-6
-    off = x + signs * (threat.eps + 2 * threat.tolerance)
+    slack = threat.slack(on, x)
+    assert (slack < 1.5e-7).all()  # ulp(0.75 + 8/255)/2 + ulp(0.75)/2 + 2u eps: about 1.2e-7
+    off = x + signs * (threat.eps + 2 * float(slack.max()))
     assert not threat.contains(off, x).any()
 
 
@@ -264,7 +267,21 @@ def test_white_box_handle_counts_passes(register, digits_mlp, digits_test):
 
     attack = register("test-two-steps", TwoSteps)
     res = attack(digits_mlp, digits_test.x[:5], digits_test.y[:5], ThreatModel(eps=0.1))
-    assert (res.n_forward, res.n_backward, res.n_queries) == (3, 2, 0)
+    # per example (AttackBench's convention): 3 forward and 2 backward passes on each of 5 inputs
+    assert (res.n_forward, res.n_backward, res.n_queries) == (15, 10, 0)
+
+
+def test_pass_counts_do_not_depend_on_the_batch_size(digits_mlp, digits_test):
+    """The same attack on the same 40 examples costs the same passes in one batch or in eight."""
+    x, y = digits_test.x[:40], digits_test.y[:40]
+    threat = ThreatModel(eps=0.1)
+    for name, params, per_example in (("fgsm", {}, (1, 1)), ("bim", {"steps": 7}, (7, 7)),
+                                      ("pgd", {"steps": 5, "random_start": False}, (5, 5))):
+        attack = ATTACKS.create(name, **params)
+        whole = attack(digits_mlp, x, y, threat)
+        parts = [attack(digits_mlp, xs, ys, threat) for xs, ys in zip(x.split(5), y.split(5))]
+        assert (whole.n_forward, whole.n_backward) == (per_example[0] * 40, per_example[1] * 40), name
+        assert sum(p.n_forward for p in parts) == whole.n_forward and sum(p.n_backward for p in parts) == whole.n_backward
 
 
 def test_oracle_never_runs_a_query_past_the_budget():
@@ -275,7 +292,7 @@ def test_oracle_never_runs_a_query_past_the_budget():
     oracle(x[:2], index=torch.tensor([0, 1]))
     with pytest.raises(QueryBudgetExceeded):
         oracle(x)  # examples 0 and 1 are spent
-    assert oracle.queries.tolist() == [2, 2, 1] and oracle.n_forward == 2
+    assert oracle.queries.tolist() == [2, 2, 1] and oracle.n_forward == 5  # rows, not calls
 
 
 class KeepsBest(ScoreProbe):
@@ -302,3 +319,113 @@ def test_budget_stop_keeps_the_best_found_so_far_and_audits_it(register, digits_
     assert torch.equal(res.x_adv, (x + 0.1).clamp(0, 1))
     assert bool(res.valid.all())
     assert torch.equal(res.success, digits_mlp(res.x_adv).argmax(1) != y)
+
+
+# ---------------------------------------------------------------------- the slack is rounding only
+def test_l2_and_linf_slack_is_the_rounding_of_the_arithmetic_and_no_more():
+    """A point 1e-6 of eps beyond an L2 ball (d = 64) or 1e-7 beyond an L-inf one is no
+    rounding error of float32 arithmetic: it is rejected. (A relative slack of 1e-5 let it in.)"""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 1, 8, 8, generator=g) * 0.8 + 0.1
+    d = torch.randn(8, 1, 8, 8, generator=g)
+    d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    l2 = ThreatModel(norm="l2", eps=0.5)
+    assert not l2.contains(x + 0.5 * (1 + 1e-6) * d.double(), x).any()
+    linf = ThreatModel(norm="linf", eps=0.1)
+    x = torch.full((2, 1, 4, 4), 0.3)
+    assert linf.contains(x + 0.1, x).all()
+    assert not linf.contains((x.double() + 0.1 + 1e-7).float(), x).any()
+
+
+@pytest.mark.parametrize("norm, eps", [("l2", 0.5), ("l2", 3.0), ("l1", 5.0), ("l1", 40.0), ("linf", 8 / 255)])
+def test_projected_points_pass_on_large_inputs(norm, eps):
+    """The slack is enough for the projection's own arithmetic on an ImageNet-sized input."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 3, 224, 224, generator=g)
+    threat = ThreatModel(norm=norm, eps=eps)
+    for scale in (0.01, 1.0, 30.0):
+        p = threat.project(x + scale * torch.randn(x.shape, generator=g), x)
+        assert threat.contains(p, x).all(), (norm, eps, scale)
+
+
+# ---------------------------------------------------------------------- the image that counts
+class Edge(Attack):
+    """Returns x + eps on every element (the far corner of the L-inf ball)."""
+
+    norms: ClassVar[frozenset[Norm]] = frozenset({Norm.LINF})
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def _run(self, model, x, y, threat, target, generator):
+        return threat.clip(x + threat.eps)
+
+
+def test_8bit_scored_image_is_itself_inside_the_ball(register):
+    """eps = 0.03 is 7.65 grey levels: rounding x + eps to the nearest level gives 8 levels, outside
+    the ball. The image that counts is the 8-bit image inside the ball (7 levels), it passes the
+    audit, and it is what the result holds and what the prediction is made on."""
+    attack = register("test-edge", Edge)
+    x = torch.full((3, 1, 4, 4), 40 / 255)
+    y = torch.zeros(3, dtype=torch.long)
+    model = threshold_model(at=46.5 / 255, gain=1000.0)  # crossed at 7 levels above the clean pixel
+    threat = ThreatModel(eps=0.03, quantize="8bit")
+    res = attack(model, x, y, threat)
+    assert torch.equal(quantize_8bit(res.x_adv, threat.bounds), res.x_adv)  # on the 8-bit grid
+    assert threat.contains(res.x_adv, x).all()
+    assert torch.allclose(res.x_adv - x, torch.full_like(x, 7 / 255), atol=1e-7)
+    with torch.no_grad():
+        assert torch.equal(res.pred_adv, model(res.x_adv).argmax(dim=1))
+    assert res.success.all() and res.valid.all()
+
+
+def test_8bit_rounding_that_leaves_the_ball_is_a_violation(register):
+    """Data off the 8-bit grid with a budget below half a level: the 8-bit image of any point of
+    the ball lies outside it, so nothing can count, however the model answers the rounded image."""
+    attack = register("test-edge-off", Edge)
+    x = torch.full((2, 1, 4, 4), 40.4 / 255)  # off the grid
+    y = torch.zeros(2, dtype=torch.long)
+    model = threshold_model(at=40.2 / 255, gain=-1000.0)  # class 1 below 40.2 levels: the rounded image is "adversarial"
+    with torch.no_grad():
+        assert (model(x).argmax(1) == 0).all() and (model(quantize_8bit(x, (0.0, 1.0))).argmax(1) == 1).all()
+    res = attack(model, x, y, ThreatModel(eps=0.1 / 255, quantize="8bit"))
+    assert not res.valid.any() and not res.success.any()
+    assert torch.equal(res.x_adv, x)  # the clean input stands in for the rejected example
+
+
+def test_rejected_examples_leave_only_the_clean_input_in_the_result(register):
+    attack = register("test-violator-2", Violator)
+    threat = ThreatModel(norm="linf", eps=0.1)
+    x = torch.full((6, 1, 4, 4), 0.3)
+    x[:, 0, 0, 0] = 0.45
+    x[:, 0, 0, 1] = 0.95
+    res = attack(threshold_model(), x, torch.zeros(6, dtype=torch.long), threat)
+    assert torch.equal(res.x_adv[~res.valid], x[~res.valid])
+    assert threat.contains(res.x_adv, x).all()
+
+
+# ---------------------------------------------------------------------- targets equal to the label
+class Stay(Attack):
+    """Returns the clean input (eps 0 in effect)."""
+
+    norms: ClassVar[frozenset[Norm]] = frozenset({Norm.LINF})
+    targeting: ClassVar[frozenset[Targeting]] = frozenset(Targeting)
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def _run(self, model, x, y, threat, target, generator):
+        return x.clone()
+
+
+def test_an_example_of_the_target_class_is_no_targeted_success(register, digits_mlp, digits_test):
+    attack = register("test-stay", Stay)
+    x, y = digits_test.x[:60], digits_test.y[:60]
+    res = attack(digits_mlp, x, y, ThreatModel(eps=0.0, targeting="fixed", target_class=3))
+    assert (y == 3).any() and not res.success.any()
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))  # constant logits: argmin = argmax = class 0
+    with torch.no_grad():
+        flat[1].weight.zero_()
+        flat[1].bias.zero_()
+    res = attack(flat.eval(), x, torch.zeros_like(y), ThreatModel(eps=0.0, targeting="least_likely"))
+    assert (res.target == 0).all() and not res.success.any()

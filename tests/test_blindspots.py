@@ -98,7 +98,7 @@ def test_confidence_stays_within_delta_along_the_path_and_the_target_gets_closer
     assert bool((dist[:, 1:] <= dist[:, :-1] + 1e-4).float().mean() > 0.9)  # mostly monotone
     assert torch.equal(r.path[:, -1], r.x_lst)
     # one forward for p_src, one forward+backward per iteration (the last needs no backward) and the start
-    assert r.n_forward == 152 and r.n_backward == 150
+    assert r.n_forward == 152 * 12 and r.n_backward == 150 * 12  # per example
 
 
 def test_step_is_orthogonal_to_the_gradient_on_a_linear_model():

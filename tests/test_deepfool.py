@@ -68,7 +68,7 @@ def test_affine_model_first_step_lands_on_the_closest_boundary(norm, classes):
     expected = (1 + OVERSHOOT) * (dist + CROSSING / w_norm)
     assert torch.allclose(res.minimal_distances.double(), expected, rtol=1e-6)
     # one iteration was enough: one backward pass per other class, no more
-    assert res.n_backward == classes - 1
+    assert res.n_backward == (classes - 1) * len(y)  # per example
 
 
 def test_affine_binary_model_step_is_along_the_weight_difference():
@@ -173,7 +173,8 @@ def test_examples_stop_once_misclassified_and_drop_out(digits_test, digits_mlp):
     assert rec.sizes[0] == 60 and run[0] == 60
     assert run[1] == int((res.pred_clean == y).sum())  # the misclassified ones are no longer computed
     assert all(a >= b for a, b in zip(run, run[1:])) and run[-1] < run[0]
-    assert res.n_backward == 9 * (len(run) - 1)  # candidates - 1 backward passes per iteration but the last
+    # candidates - 1 backward passes per example still running, in every iteration but the last
+    assert res.n_backward == 9 * sum(run[:-1])
     # each example alone gives what it got in the batch
     for i in (7, 30, 59):
         alone = ATTACKS.create("deepfool")(digits_mlp, x[i:i + 1], y[i:i + 1], ThreatModel(norm="l2", eps=1.0))

@@ -190,7 +190,8 @@ def test_early_stop_after_the_initial_population_when_the_goal_is_met():
     assert res.n_queries == 4 * 10 * 8
     # targeted: p(target) = e^5 / (e^5 + 9) > 90%
     res = attack(Constant(top=3), x, y, l0(1, targeting="fixed", target_class=3), generator=gen())
-    assert res.n_queries == 4 * 10 and res.success.all()
+    # the example labelled 3 cannot be attacked toward 3: no success for it at distance 0
+    assert res.n_queries == 4 * 10 and res.success.tolist() == [True, True, False, True]
     res = OnePixel(population=10, generations=7, targeted_threshold=1.0)(
         Constant(3), x, y, l0(1, targeting="fixed", target_class=3), generator=gen()
     )
@@ -281,7 +282,8 @@ def test_seeded_and_independent_of_chunking(cifar_shaped):
     a = OnePixel(population=30, generations=6, max_batch=1024)(model, x, y, threat, generator=gen(3))
     b = OnePixel(population=30, generations=6, max_batch=7)(model, x, y, threat, generator=gen(3))
     c = OnePixel(population=30, generations=6, max_batch=1024)(model, x, y, threat, generator=gen(4))
-    assert torch.equal(a.x_adv, b.x_adv) and a.n_queries == b.n_queries and b.n_forward > a.n_forward
+    assert torch.equal(a.x_adv, b.x_adv) and a.n_queries == b.n_queries
+    assert b.n_forward == a.n_forward  # passes are counted per example, not per call
     assert not torch.equal(a.x_adv, c.x_adv)
 
 

@@ -172,7 +172,7 @@ def test_transfer_never_queries_the_target_and_equals_source_attack_then_audit(d
     attack._inner = armed_inner
     res = attack(target, x, y, threat, generator=torch.Generator().manual_seed(0))
     assert target.calls == 2  # the base class's clean pass and the audit, nothing from the attack
-    assert res.n_queries == 0 and res.n_forward == 5 and res.n_backward == 5  # the source's passes
+    assert res.n_queries == 0 and res.n_forward == 5 * 40 and res.n_backward == 5 * 40  # the source's passes, per example
     # the same as the source attack run white-box on the source, audited on the target
     white = ThreatModel(eps=0.1)
     src = ATTACKS.create("pgd", steps=5)(attack.source_model(), x, y, white, generator=torch.Generator().manual_seed(0))

@@ -12,6 +12,9 @@ support), take their hyperparameters as keyword-only constructor arguments and i
    :mod:`advbench.access`), with parameter gradients off and the model in eval mode;
 4. audits the output (:mod:`advbench.audit`): success is recomputed from the model's own
    predictions and examples outside the threat model count as failures, never as successes.
+   The result's ``x_adv`` is the image that counts (the clean input where the output was
+   rejected), so whatever uses it afterwards (a transfer or destruction table) sees audited
+   examples only.
 
 *Minimal-perturbation* attacks (``minimal = True``: Carlini-Wagner, DeepFool, L-BFGS) search
 for the smallest adversarial example whatever the budget. Their ``_run`` returns, per example,
@@ -38,7 +41,7 @@ import torch
 from torch import nn
 
 from advbench.access import Handle, WhiteBoxModel, handle_for
-from advbench.audit import audit, goal_met
+from advbench.audit import AuditReport, audit, goal_met
 from advbench.errors import ConfigError, ModelOutputError, QueryBudgetExceeded, UnsupportedThreatError
 from advbench.threat import Knowledge, Norm, Targeting, ThreatModel
 
@@ -47,12 +50,14 @@ from advbench.threat import Knowledge, Norm, Targeting, ThreatModel
 class AttackResult:
     """What an attack produced, audited. All tensors have the batch as first dimension."""
 
+    #: the image that counts, per example: the attack's output where it passed the audit (its
+    #: 8-bit rounding under ``quantize: 8bit``), the clean input where it did not
     x_adv: torch.Tensor
     success: torch.Tensor  # bool: valid and the goal is met by the model's own prediction
-    valid: torch.Tensor  # bool: passed the threat-model audit
+    valid: torch.Tensor  # bool: the attack's output passed the threat-model audit
     pred_clean: torch.Tensor
-    pred_adv: torch.Tensor  # the model's prediction on the example that counts
-    distances: torch.Tensor  # in the threat model's norm; NaN where x_adv is not finite
+    pred_adv: torch.Tensor  # the model's prediction on x_adv
+    distances: torch.Tensor  # of x_adv, in the threat model's norm (0 where the output was rejected)
     target: torch.Tensor | None
     n_forward: int
     n_backward: int
@@ -136,9 +141,15 @@ class Attack(ABC):
         *,
         target: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        judge: nn.Module | None = None,
     ) -> AttackResult:
-        """Attack ``model`` at inputs ``x`` with labels ``y`` under ``threat``; see the module docstring."""
+        """Attack ``model`` at inputs ``x`` with labels ``y`` under ``threat``; see the module docstring.
+
+        ``judge`` is the model the output is audited and scored on (default: ``model``): an
+        evaluator hands the attacker an adaptive view of a defended model and judges on the
+        deployed one."""
         self.check_threat(threat)
+        judge = model if judge is None else judge
         _validate_inputs(x, y, threat)
         with frozen(model):
             clean_logits = _checked_logits(model, x)
@@ -184,22 +195,17 @@ class Attack(ABC):
                 budget_exhausted=exhausted,
             )
             if self.minimal:
-                return self._budgeted(model, x, y, threat, result, x_adv)
-            report = audit(model, x, x_adv, y, threat, target)
-        return dataclasses.replace(
-            result,
-            success=report.success,
-            valid=report.valid,
-            pred_adv=report.pred_adv,
-            quantization_failures=int(report.quantization_failures.sum()),
-        )
+                return self._budgeted(judge, x, y, threat, result, x_adv)
+            with frozen(judge):
+                report = audit(judge, x, x_adv, y, threat, target)
+        return _audited(result, report, x, threat)
 
     @final
     def at_budget(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
                   result: AttackResult) -> AttackResult:
         """A minimal-perturbation attack's ``result`` re-audited under ``threat`` (another eps of
-        the same norm, targeting and knowledge), without running the attack again. The counts
-        (passes, queries) stay those of the run that produced ``result``."""
+        the same norm, targeting and knowledge) on ``model`` (the judge), without running the
+        attack again. The counts (passes, queries) stay those of the run that produced ``result``."""
         if not self.minimal or result.x_minimal is None:
             raise ConfigError(f"attack {self.name!r} is not a minimal-perturbation attack; rerun it at each eps")
         self.check_threat(threat)
@@ -209,29 +215,25 @@ class Attack(ABC):
 
     def _budgeted(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
                   result: AttackResult, x_minimal: torch.Tensor) -> AttackResult:
-        """Audit ``x_minimal`` without the ball, then count it only where it lies within eps."""
+        """Audit ``x_minimal`` without the ball, then count it only where it lies within eps.
+
+        The smallest example that counts is the audited one (its 8-bit rounding under
+        ``quantize: 8bit``), so its distance is the distance of the image that is scored."""
         # where the clean input already meets the goal, it is the smallest example there is
         clean_hit = goal_met(result.pred_clean, y, result.target)
-        x_minimal = torch.where(clean_hit.view(-1, *([1] * (x.dim() - 1))), x, x_minimal)
+        x_minimal = torch.where(_rows(clean_hit, x), x, x_minimal)
         anywhere = dataclasses.replace(threat, norm=Norm.UNBOUNDED, eps=math.inf)
-        found = audit(model, x, x_minimal, y, anywhere, result.target).success
-        x_minimal = torch.where(found.view(-1, *([1] * (x.dim() - 1))), x_minimal, x)  # nothing found: x
-        dist = _distances(x_minimal, x, threat)
-        minimal_distances = torch.where(found, dist, torch.full_like(dist, math.inf))
-        within = minimal_distances <= threat.eps + threat.tolerance
-        x_adv = torch.where(within.view(-1, *([1] * (x.dim() - 1))), x_minimal, x)
-        report = audit(model, x, x_adv, y, threat, result.target)
-        return dataclasses.replace(
-            result,
-            x_adv=x_adv,
-            success=report.success,
-            valid=report.valid,
-            pred_adv=report.pred_adv,
-            distances=_distances(x_adv, x, threat),
-            quantization_failures=int(report.quantization_failures.sum()),
-            x_minimal=x_minimal,
-            minimal_distances=minimal_distances,
-        )
+        with frozen(model):
+            found_report = audit(model, x, x_minimal, y, anywhere, result.target)
+            found = found_report.success
+            x_minimal = torch.where(_rows(found, x), found_report.x_scored, x)  # nothing found: x
+            dist = _distances(x_minimal, x, threat)
+            minimal_distances = torch.where(found, dist, torch.full_like(dist, math.inf))
+            within = found & threat.contains(x_minimal, x)
+            x_adv = torch.where(_rows(within, x), x_minimal, x)
+            report = audit(model, x, x_adv, y, threat, result.target)
+        return dataclasses.replace(_audited(result, report, x, threat), x_minimal=x_minimal,
+                                   minimal_distances=minimal_distances)
 
     @abstractmethod
     def _run(
@@ -298,6 +300,23 @@ def _checked_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(out).all()):
         raise ModelOutputError("the model returned NaN or infinite logits")
     return out
+
+
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _audited(result: AttackResult, report: AuditReport, x: torch.Tensor, threat: ThreatModel) -> AttackResult:
+    """``result`` with the audit's verdicts, and the image that counts as its ``x_adv``."""
+    return dataclasses.replace(
+        result,
+        x_adv=report.x_scored,
+        success=report.success,
+        valid=report.valid,
+        pred_adv=report.pred_adv,
+        distances=_distances(report.x_scored, x, threat),
+        quantization_failures=int(report.quantization_failures.sum()),
+    )
 
 
 def _distances(x_adv: torch.Tensor, x: torch.Tensor, threat: ThreatModel) -> torch.Tensor:

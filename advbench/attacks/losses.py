@@ -138,8 +138,9 @@ def project_l2_(x_adv: torch.Tensor, x: torch.Tensor, eps: float, bounds: tuple[
     """In place: the same arithmetic as :meth:`ThreatModel.project` for l2 (ball, then bounds),
     without its four temporary batch-sized tensors. Overwrites and returns ``x_adv``."""
     delta = x_adv.sub_(x)
-    n = torch.linalg.vector_norm(delta.reshape(delta.shape[0], -1), 2, dim=1).clamp_min(1e-12)
-    factor = (eps / n).clamp(max=1.0)
+    # the norm and the scale in float64, so the product is the only rounding of the perturbation
+    n = torch.linalg.vector_norm(delta.reshape(delta.shape[0], -1), 2, dim=1, dtype=torch.float64).clamp_min(1e-12)
+    factor = (eps / n).clamp(max=1.0).to(delta.dtype)
     lo, hi = bounds
     return delta.mul_(_per_example(factor, delta)).add_(x).clamp_(lo, hi)
 

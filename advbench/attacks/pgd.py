@@ -13,7 +13,7 @@ from advbench.attacks.losses import LOSSES, ascend_l2, ascend_linf, linf_box, ob
 from advbench.audit import goal_met
 from advbench.errors import ConfigError
 from advbench.registry import ATTACKS
-from advbench.threat import Norm, Targeting, ThreatModel, quantize_8bit
+from advbench.threat import Norm, Targeting, ThreatModel
 
 
 @ATTACKS.register("pgd", description="Projected gradient descent with random restarts (Madry et al. 2018); linf, l2")
@@ -132,7 +132,7 @@ class PGD(GradientAttack):
                 loss = per_example_objective(self.loss, logits, y[idx], t).float()
                 success = goal_met(logits.argmax(dim=1), y[idx], t)
                 if threat.quantize == "8bit":  # succeed as the audit will judge it: after rounding too
-                    success &= goal_met(net(quantize_8bit(x_r, threat.bounds)).argmax(dim=1), y[idx], t)
+                    success &= goal_met(net(threat.quantized(x_r, x[idx])).argmax(dim=1), y[idx], t)
                 take = success | (loss > best_loss[idx])
                 best[idx[take]] = x_r[take]
                 best_loss[idx] = torch.where(take, loss, best_loss[idx])

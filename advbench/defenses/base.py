@@ -160,6 +160,12 @@ class AdaptiveModel(nn.Module):
         self.eot_samples = eot_samples if model.randomized else 1
         self.bpda = bpda and not model.differentiable
 
+    @property
+    def passes_per_input(self) -> int:
+        """Classifier passes per input: EoT runs every input ``eot_samples`` times (the access
+        handles count passes per example, so they multiply by this)."""
+        return self.eot_samples
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = "bpda" if self.bpda else "real"
         n = self.eot_samples

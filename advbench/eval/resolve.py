@@ -90,6 +90,10 @@ class Autocast(nn.Module):
         self.model = model
         self.device_type = device_type
 
+    @property
+    def passes_per_input(self) -> int:
+        return int(getattr(self.model, "passes_per_input", 1))
+
     def forward(self, x):  # type: ignore[override]
         import torch
 
