@@ -426,3 +426,52 @@ def test_every_loader_error_is_an_advbench_error(tmp_path):
     for call in calls:
         with pytest.raises(AdvbenchError):
             call()
+
+
+class _Payload:
+    """Unpickling this writes a marker file: the code a crafted checkpoint would run."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_an_exported_program_with_a_pickle_payload_runs_no_code(tmp_path):
+    """torch.export.load unpickles a weight the archive marks ``use_pickle`` with weights_only=False
+    (and retries a failed safe load unsafely): advbench's load refuses it, and nothing runs."""
+    import io
+    import json
+    import zipfile
+
+    program = torch.export.export(small_net(), (X8[:1],))
+    torch.export.save(program, str(tmp_path / "good.pt2"))
+    assert loaders.load_model_file(tmp_path / "good.pt2")(X8).shape == (6, 10)
+    marker = tmp_path / "ran"
+    buf = io.BytesIO()
+    torch.save({"w": _Payload(marker)}, buf)
+    with zipfile.ZipFile(tmp_path / "good.pt2") as src, zipfile.ZipFile(tmp_path / "evil.pt2", "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("model_weights_config.json"):
+                config = json.loads(data)
+                first = next(iter(config["config"].values()))
+                first["use_pickle"] = True
+                victim = first["path_name"]
+                data = json.dumps(config).encode()
+            dst.writestr(info, data)
+    with zipfile.ZipFile(tmp_path / "evil.pt2") as z, zipfile.ZipFile(tmp_path / "evil2.pt2", "w") as dst:
+        for info in z.infolist():
+            data = z.read(info.filename)
+            if info.filename.endswith(f"data/weights/{victim}"):
+                data = buf.getvalue()
+            dst.writestr(info, data)
+    with pytest.raises(DataError) as exc:
+        loaders.load_model_file(tmp_path / "evil2.pt2")
+    assert "evil2.pt2" in one_line(exc)
+    assert not marker.exists()
+    # without the guard torch itself would have run it (the test would be meaningless otherwise)
+    with loaders._quiet_torch(), pytest.raises(Exception):
+        torch.export.load(str(tmp_path / "evil2.pt2"))
+    assert marker.exists()

@@ -10,15 +10,14 @@ Decoding the tar's JPEGs takes seconds (tens of them for the train split on a sm
 the decoded uint8 arrays are cached per split in ``cache_dir()/data/cifar10-jpg/`` under a name
 holding the tar's size and mtime; a changed tar gets a fresh cache file. The JPEGs are
 re-encoded from the original, so their pixels differ slightly from the pickled release. Images
-are ordered by class, then by file name. Pickles run code when read: load only trusted ones.
+are ordered by class, then by file name. The pickled batches are read by an unpickler that
+accepts numpy arrays, lists, dicts, strings and numbers only, so a crafted folder cannot run code.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import tarfile
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -29,6 +28,7 @@ import torch
 from advbench.data.base import ImageData
 from advbench.data.folder import decode_image, is_image_name, scan_class_folders, stack_nchw
 from advbench.data.paths import cache_dir, data_root, where_hint
+from advbench.files import atomic_write
 from advbench.errors import DataError
 from advbench.registry import DATASETS
 
@@ -89,10 +89,33 @@ def read_pickled(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(xs), np.concatenate(ys)
 
 
+#: the only globals a CIFAR-10 batch pickle needs: numpy's array reconstruction (protocols 2 to 5,
+#: numpy 1 and 2 module names) and the bytes decoding of protocol 2; its dicts, lists, strings and
+#: numbers need none
+_BATCH_GLOBALS = {
+    *((f"numpy.{core}.multiarray", "_reconstruct") for core in ("core", "_core")),
+    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles the arrays, lists and dicts of CIFAR-10's batches and nothing else: any other
+    global (a function or class a crafted file names to run) is refused before it is loaded."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in _BATCH_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}: a CIFAR-10 batch holds only arrays, "
+                                     f"lists, dicts, strings and numbers")
+
+
 def _load_pickle(path: Path) -> dict[str, object]:
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="latin1")
+            obj = _BatchUnpickler(f, encoding="latin1").load()
     except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, ImportError) as exc:
         raise DataError(f"cannot read CIFAR-10 pickle {path}: {type(exc).__name__}: {exc}") from None
     if not isinstance(obj, dict):
@@ -173,17 +196,7 @@ def read_tar_cached(tar: Path, split: str) -> tuple[np.ndarray, np.ndarray, str]
 def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     """Write an uncompressed .npz through a temporary file and ``os.replace``, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _download(root: Path, split: str) -> None:

@@ -1,8 +1,10 @@
 """Load models from files, import paths, torchvision, timm and RobustBench, ready for [0, 1] input.
 
 Every loader returns an ``nn.Module`` in eval mode that maps a float NCHW batch in [0, 1] to
-logits. Checkpoints are always read with ``torch.load(..., weights_only=True)``: a file of
-weights never runs code. Nothing here downloads unless the caller asks for it explicitly
+logits. Checkpoints are always read with ``torch.load(..., weights_only=True)``, with no unsafe
+fallback, and a ``torch.export`` program's pickled parts too (:func:`weights_only_loads`): a file
+of weights never runs code. TorchScript files are read by TorchScript's own loader, which builds
+TorchScript modules only (no Python objects). Nothing here downloads unless the caller asks for it explicitly
 (``pretrained=True`` in :func:`load_torchvision` / :func:`load_timm`); RobustBench models are
 only loaded from checkpoints already on disk.
 
@@ -22,6 +24,7 @@ import logging
 import os
 import pickle
 import sys
+import threading
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -130,9 +133,37 @@ def _load_torchscript(p: Path) -> nn.Module:
     return model.eval()
 
 
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` in the block unpickles tensors and plain containers only.
+
+    ``torch.export.load`` unpickles the archive's weights and constants with
+    ``weights_only=False`` when the archive says they are pickled, and retries a failed safe load
+    unsafely: a crafted ``.pt2`` would run code. torch honours ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``
+    over an explicit ``weights_only=False``, so with it set there is no path to the unsafe
+    unpickler, and a payload that needs one fails to load instead."""
+    with _SAFE_LOAD_LOCK:
+        before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        unsafe = os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+            else:
+                os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+            if unsafe is not None:
+                os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = unsafe
+
+
+_SAFE_LOAD_LOCK = threading.Lock()
+
+
 def _load_exported(p: Path) -> nn.Module:
     try:
-        with _quiet_torch(), open(p, "rb") as f:  # a file object: torch.export.load insists on '.pt2' names
+        # a file object: torch.export.load insists on '.pt2' names
+        with _quiet_torch(), weights_only_loads(), open(p, "rb") as f:
             program = torch.export.load(f)
         module = program.module()
     except Exception as exc:  # noqa: BLE001
