@@ -98,6 +98,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         save_adversarial=args.save_adversarial,
         progress=False if args.quiet else None,
         config_source=str(args.config) if args.config else None,
+        warn=True,
     )
     if not args.quiet:
         print(format_matrix(result.matrix))

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from advbench.errors import AdvbenchError, ConfigError
+from advbench.files import check_name
 from advbench.threat import Knowledge, Norm, ThreatModel
 
 DEFAULT_CONFIG_YAML = """\
@@ -63,6 +64,15 @@ def parse_number(value: Any, what: str) -> float:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+#: the largest seed a config takes: every generator and derived seed accepts it on every platform
+MAX_SEED = 2**32 - 1
+
+
+def seed_field() -> Any:
+    """A config's ``seed``: a whole number from 0 to :data:`MAX_SEED`."""
+    return Field(default=0, ge=0, le=MAX_SEED)
 
 
 class DataSpec(_Strict):
@@ -109,6 +119,16 @@ class ModelSpec(_Strict):
     def _from_string(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:  # it names files (leaderboard entries, saved examples)
+        return check_name(value, "model name")
+
+    @field_validator("trained")
+    @classmethod
+    def _safe_trained(cls, value: str | None) -> str | None:  # a folder under the trained store
+        return None if value is None else check_name(value, "trained model name")
+
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
         given = [k for k in MODEL_SOURCES if getattr(self, "import_" if k == "import" else k) is not None]
@@ -150,6 +170,11 @@ class DefenseSpec(_Strict):
             return {**{k: value[k] for k in meta if k in value},
                     "params": {k: v for k, v in value.items() if k not in meta}}
         return value
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        return check_name(value, "defense name")
 
     @model_validator(mode="after")
     def _chain(self) -> DefenseSpec:
@@ -234,7 +259,7 @@ class AnalysisSpec(_Strict):
 
 
 class BenchmarkConfig(_Strict):
-    seed: int = 0
+    seed: int = seed_field()
     device: str = "auto"
     data: DataSpec = Field(default_factory=lambda: DataSpec(name="digits"))
     models: list[ModelSpec] = Field(min_length=1)
@@ -275,6 +300,13 @@ class BenchmarkConfig(_Strict):
             if dup:
                 hint = " (give the entries distinct 'label's)" if what == "attack" else ""
                 raise ValueError(f"{what} names must be unique; repeated: {dup}{hint}")
+        for label in self.attack_labels():  # labels name files too; a generated one may need a 'label'
+            try:
+                check_name(label, "attack label")
+            except ConfigError as exc:
+                raise ValueError(f"{exc} (give the entry a 'label')") from None
+            if label.startswith("worst-case"):
+                raise ValueError(f"attack label {label!r}: names starting with 'worst-case' are the results' own")
         return self
 
     def attack_labels(self) -> list[str]:

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from advbench.errors import DataError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     config_hash TEXT PRIMARY KEY,
@@ -70,6 +72,11 @@ CREATE TABLE IF NOT EXISTS adversarial (
     npz BLOB NOT NULL,
     PRIMARY KEY (config_hash, job_key)
 );
+CREATE TABLE IF NOT EXISTS plans (
+    config_hash TEXT NOT NULL,
+    job_key TEXT NOT NULL,
+    PRIMARY KEY (config_hash, job_key)
+);
 """
 
 
@@ -105,12 +112,24 @@ class ResultStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(SCHEMA)
-        self._migrate()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise DataError(f"cannot open the results store {self.path}: {exc}") from None
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.executescript(SCHEMA)
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            if "readonly" in str(exc) or "unable to open" in str(exc):
+                raise DataError(f"cannot write the results store {self.path}: {exc}; choose a writable --out") from None
+            raise DataError(
+                f"{self.path} is not a readable advbench results store ({exc}); it was left as it is: move it "
+                f"away or choose another --out to start afresh (advbench never deletes a store)"
+            ) from None
 
     def _migrate(self) -> None:
         """Bring a store written by an older advbench up to this schema (columns only get added)."""
@@ -136,6 +155,32 @@ class ResultStore:
             "INSERT OR IGNORE INTO runs(config_hash, config_json, created) VALUES (?, ?, ?)",
             (config_hash, json.dumps(config, sort_keys=True), time.time()),
         )
+
+    # ------------------------------------------------------------------ plans
+    def set_plan(self, config_hash: str, job_keys: Iterable[str]) -> None:
+        """Record the jobs the current run of ``config_hash`` consists of (replacing the last plan):
+        tables and reports are built from these jobs only, never from others in the store."""
+        cur = self._conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            cur.execute("DELETE FROM plans WHERE config_hash = ?", (config_hash,))
+            cur.executemany("INSERT OR IGNORE INTO plans VALUES (?, ?)", [(config_hash, k) for k in job_keys])
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+
+    def planned_keys(self, config_hash: str) -> set[str] | None:
+        """The keys of the last run's plan of ``config_hash`` (None for a store that has none)."""
+        rows = self._conn.execute("SELECT job_key FROM plans WHERE config_hash = ?", (config_hash,)).fetchall()
+        return {r[0] for r in rows} if rows else None
+
+    def other_jobs(self, config_hash: str, job_keys: Iterable[str]) -> tuple[int, int]:
+        """How many stored jobs are not part of this plan: (of other configs, of this config with
+        other content: another model file, retrained weights, changed data)."""
+        other = self._conn.execute("SELECT COUNT(*) FROM jobs WHERE config_hash != ?", (config_hash,)).fetchone()[0]
+        mine = self.finished_keys(config_hash)
+        return int(other), len(mine - set(job_keys))
 
     # ------------------------------------------------------------------ jobs
     def finished_keys(self, config_hash: str) -> set[str]:
@@ -188,12 +233,15 @@ class ResultStore:
             raise
 
     # ------------------------------------------------------------------ reading
-    def jobs(self, config_hash: str) -> pd.DataFrame:
-        return pd.read_sql_query(
+    def jobs(self, config_hash: str, job_keys: Iterable[str] | None = None) -> pd.DataFrame:
+        """The stored jobs of ``config_hash`` (only those in ``job_keys`` when given)."""
+        df = pd.read_sql_query(
             "SELECT * FROM jobs WHERE config_hash = ? ORDER BY job_key", self._conn, params=(config_hash,)
         )
+        return df if job_keys is None else df[df.job_key.isin(set(job_keys))].reset_index(drop=True)
 
     def examples(self, config_hash: str, job_keys: Iterable[str] | None = None) -> pd.DataFrame:
+        """Per-example records of ``config_hash`` with their job's cell (only ``job_keys`` when given)."""
         df = pd.read_sql_query(
             "SELECT e.*, j.model, j.defense, j.threat_json, j.attack, j.shard FROM examples e "
             "JOIN jobs j ON e.config_hash = j.config_hash AND e.job_key = j.job_key "
@@ -202,7 +250,7 @@ class ResultStore:
             params=(config_hash,),
         )
         if job_keys is not None:
-            df = df[df.job_key.isin(set(job_keys))]
+            df = df[df.job_key.isin(set(job_keys))].reset_index(drop=True)
         return df
 
     def adversarial(self, config_hash: str, job_key: str) -> dict[str, np.ndarray] | None:

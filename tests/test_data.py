@@ -62,10 +62,11 @@ def test_data_root_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_cache_dir_env_and_xdg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ADVBENCH_CACHE", str(tmp_path / "a" / "b"))
-    assert cache_dir() == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
+    # resolving the cache folder creates nothing: a run that fails early leaves no folder behind
+    assert cache_dir() == tmp_path / "a" / "b" and not (tmp_path / "a").exists()
     monkeypatch.delenv("ADVBENCH_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert cache_dir() == tmp_path / "xdg" / "advbench" and cache_dir().is_dir()
+    assert cache_dir() == tmp_path / "xdg" / "advbench" and not (tmp_path / "xdg").exists()
 
 
 # ---------------------------------------------------------------------- MNIST, real files
@@ -491,3 +492,37 @@ def test_npz_unreadable_files(tmp_path: Path) -> None:
     with pytest.raises(DataError) as exc:
         load_npz(str(tmp_path / "objects.npz"))
     assert_one_line(exc, "cannot read array 'x'")
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar10_pickles_of_every_protocol_load(tmp_path: Path, protocol: int) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    data = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    entry = {b"batch_label": b"testing batch 1 of 1", b"labels": [3, 7], b"data": data, b"filenames": [b"a.png", b"b.png"]}
+    (folder / "test_batch").write_bytes(pickle.dumps(entry, protocol=protocol))
+    test = load_cifar10("test", root=str(tmp_path))
+    assert test.y.tolist() == [3, 7]
+    assert torch.equal((test.x * 255).round().to(torch.uint8).reshape(2, -1), torch.from_numpy(data))
+
+
+class _Payload:
+    """Unpickling this writes a marker file: what a crafted CIFAR folder would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_crafted_cifar10_pickle_runs_no_code(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    entry = {"labels": [1], "data": np.zeros((1, 3072), np.uint8), "x": _Payload(marker)}
+    (folder / "test_batch").write_bytes(pickle.dumps(entry))
+    with pytest.raises(DataError) as exc:
+        load_cifar10("test", root=str(tmp_path))
+    assert_one_line(exc, "test_batch", "refused global")
+    assert not marker.exists()

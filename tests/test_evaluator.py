@@ -92,11 +92,15 @@ def test_outputs_and_provenance(tmp_path):
     assert run["seed"] == 0 and run["config"]["models"][0]["name"] == "digits-mlp"
     assert run["versions"]["torch"] and run["device"]["device"] == "cpu" and run["config_hash"]
     files = sorted(p.name for p in (tmp_path / "adversarial").iterdir())
-    assert len(files) == 4
+    assert len(files) == 5 and "clean.npz" in files  # the clean examples once, then one file per cell
+    assert run["model_digests"]["digits-mlp"] and run["data"]["examples_sha"]
+    clean = np.load(tmp_path / "adversarial" / "clean.npz")
     z = np.load(tmp_path / "adversarial" / "digits-mlp__none__pgd__linf-0.15__untargeted.npz")
-    assert z["x"].shape == z["x_adv"].shape == (120, 1, 8, 8)
-    assert np.abs(z["x_adv"] - z["x"]).max() <= 0.15 + 1e-6
-    assert set(z.files) >= {"x", "x_adv", "y", "pred_clean", "pred_adv"}
+    assert clean["x"].shape == z["x_adv"].shape == (120, 1, 8, 8)
+    assert np.array_equal(clean["idx"], z["idx"]) and np.array_equal(clean["y"], z["y"])
+    assert np.abs(z["x_adv"] - clean["x"]).max() <= 0.15 + 1e-6
+    assert set(z.files) == {"idx", "x_adv", "y", "pred_clean", "pred_adv"}
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_cascade_is_cumulative_and_agrees_with_worst_case(tmp_path):

@@ -346,23 +346,3 @@ def test_a_missing_trained_model_is_a_one_line_error(cache, tmp_path, capsys):
     assert cli.main(["evaluate", evaluate, "--out", str(tmp_path / "run"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no trained model 'nope'" in err and "advbench train CONFIG" in err
-
-
-def test_retraining_a_name_changes_its_job_keys(tmp_path, monkeypatch):
-    """Stored results of a trained model are keyed by the training that made it (card hash and
-    date), so a retrained model is evaluated afresh; other models keep their keys."""
-    import json
-
-    from advbench.config import ModelSpec
-    from advbench.eval.evaluator import model_spec
-    from advbench.training import trained_dir
-
-    monkeypatch.setenv("ADVBENCH_CACHE", str(tmp_path))
-    assert "trained" not in model_spec(ModelSpec(name="digits-mlp"))
-    folder = trained_dir("mine")
-    folder.mkdir(parents=True)
-    spec = ModelSpec(name="mine", trained="mine")
-    (folder / "card.json").write_text(json.dumps({"config_hash": "a", "created": "2026-01-01"}))
-    first = model_spec(spec)
-    (folder / "card.json").write_text(json.dumps({"config_hash": "a", "created": "2026-01-02"}))
-    assert first["trained_card"] == "a@2026-01-01" and model_spec(spec)["trained_card"] == "a@2026-01-02"

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import Field, field_validator
 
-from advbench.config import DataSpec, ModelSpec, _Strict, read_yaml_file, validated
+from advbench.config import DataSpec, ModelSpec, _Strict, read_yaml_file, seed_field, validated
 from advbench.errors import ConfigError
 
 DEFAULT_BLINDSPOTS_YAML = """\
@@ -37,7 +37,7 @@ examples: 4                           # pairs drawn in blindspots.png
 class BlindspotConfig(_Strict):
     """Settings of one blind-spot analysis run."""
 
-    seed: int = 0
+    seed: int = seed_field()
     device: str = "auto"
     data: DataSpec = Field(default_factory=lambda: DataSpec(name="digits"))
     model: ModelSpec = Field(default_factory=lambda: ModelSpec(name="digits-cnn"))

@@ -52,8 +52,14 @@ class ImageData:
         return ImageData(self.x[indices], self.y[indices], self.classes, self.name, self.split, dict(self.meta))
 
     def sample_indices(self, n: int | None, seed: int) -> torch.Tensor:
-        """``n`` distinct indices drawn with ``seed`` (all of them, in order, when n is None or >= N)."""
-        if n is None or n >= len(self):
+        """``n`` distinct indices drawn with ``seed`` (all of them, in order, when n is None or N).
+
+        An ``n`` larger than the data set is an error: a table must not claim more examples
+        than it was computed on."""
+        if n is not None and n > len(self):
+            raise DataError(f"n is {n} but {self.name} {self.split!r} has {len(self)} examples; "
+                            f"allowed: 1..{len(self)}, or leave n out for all of them")
+        if n is None or n == len(self):
             return torch.arange(len(self))
         if n < 1:
             raise DataError(f"n must be >= 1, got {n}")

@@ -16,14 +16,14 @@ CACHE_ENV = "ADVBENCH_CACHE"
 
 
 def cache_dir() -> Path:
-    """The advbench cache folder (``ADVBENCH_CACHE``, else ``$XDG_CACHE_HOME/advbench``), created if missing."""
+    """The advbench cache folder (``ADVBENCH_CACHE``, else ``$XDG_CACHE_HOME/advbench``). Not created
+    here: whoever writes into it creates what it needs, so a run that fails early leaves nothing."""
     env = os.environ.get(CACHE_ENV)
     if env:
         path = Path(env).expanduser()
     else:
         xdg = os.environ.get("XDG_CACHE_HOME")
         path = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "advbench"
-    path.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -23,7 +23,6 @@ and outputs of each attacked view, fills the table's ``flags`` column and writes
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
 import os
@@ -39,10 +38,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from advbench.files import atomic_write_text
+from advbench.files import atomic_write_text, write_npz_rows
 from advbench.config import BenchmarkConfig, DefenseSpec, ModelSpec, attack_threats
 from advbench.defenses.base import find_defended
-from advbench.eval.jobs import InProcessExecutor, Job, ModelTags, Worker
+from advbench.eval.jobs import InProcessExecutor, Job, ModelTags, Worker, checked_logits, examples_digest
 from advbench.eval.masking import (
     GRAD_EXAMPLES,
     PROBE_EXAMPLES,
@@ -61,7 +60,8 @@ from advbench.eval.provenance import device_info, resolve_device, timestamp, ver
 from advbench.eval.resolve import load_data
 from advbench.eval.tables import robust_accuracy_matrix, robust_accuracy_table
 from advbench.store import ResultStore
-from advbench.threat import Knowledge, ThreatModel
+from advbench.threat import Knowledge, ThreatModel, quantize_8bit
+from advbench.errors import ConfigError, ModelOutputError
 
 DB_NAME = "results.sqlite"
 
@@ -75,14 +75,12 @@ class EvaluationResult:
     jobs_run: int
     jobs_skipped: int
     masking: dict[str, Any] = field(default_factory=dict)  # the content of masking.json
+    notes: list[str] = field(default_factory=list)  # the warnings printed before the run (also in run.json)
 
     @property
     def masking_lines(self) -> str:
         """The gradient-masking flags, one line each (empty when there is none)."""
         return masking_lines(self.masking)
-
-
-Tags = Callable[[dict[str, Any], dict[str, Any]], ModelTags]
 
 
 def _threat_groups(config: BenchmarkConfig) -> list[list[ThreatModel]]:
@@ -91,21 +89,6 @@ def _threat_groups(config: BenchmarkConfig) -> list[list[ThreatModel]]:
     for threat in config.threat_models():
         groups.setdefault(json.dumps({k: v for k, v in threat.to_dict().items() if k != "eps"}, sort_keys=True), []).append(threat)
     return list(groups.values())
-
-
-def _loading_tags(config: BenchmarkConfig) -> Tags:
-    """Tags found by loading each (model, defense) once (when no worker is at hand)."""
-    from advbench.eval.resolve import apply_defense, load_model
-
-    cache: dict[str, ModelTags] = {}
-
-    def tags(mspec: dict[str, Any], dspec: dict[str, Any]) -> ModelTags:
-        key = json.dumps([mspec, dspec], sort_keys=True)
-        if key not in cache:
-            cache[key] = ModelTags.of(apply_defense(load_model(mspec), dspec, seed=config.seed))
-        return cache[key]
-
-    return tags
 
 
 def attack_views(config: BenchmarkConfig, tags: ModelTags) -> list[tuple[str, dict[str, Any] | None]]:
@@ -117,32 +100,25 @@ def attack_views(config: BenchmarkConfig, tags: ModelTags) -> list[tuple[str, di
     return [view] if config.adaptive == "only" else [("", None), view]
 
 
-def _cells(config: BenchmarkConfig, tags: Tags) -> Iterator[tuple[dict[str, Any], dict[str, Any], ModelTags,
-                                                                   list[ThreatModel]]]:
+def _cells(config: BenchmarkConfig, worker: Worker) -> Iterator[tuple[dict[str, Any], dict[str, Any], ModelTags,
+                                                                      list[ThreatModel]]]:
     """(model spec, defense spec, their tags, a threat group) in config order."""
     groups = _threat_groups(config)
     for model in config.models:
         mspec = model_spec(model)
         for defense in config.defenses:
             dspec = defense_spec(defense)
-            mtags = tags(mspec, dspec)
+            mtags = worker.tags(mspec, dspec, seed=config.seed)
             for threats in groups:
                 yield mspec, dspec, mtags, threats
 
 
 def model_spec(model: ModelSpec) -> dict[str, Any]:
-    """A model entry as jobs carry it. A trained model's entry names the training that made it
-    (its card's config hash and date), so retraining under the same name invalidates stored
-    results instead of resuming them; entries without ``trained`` keep their earlier keys."""
+    """A model entry as jobs carry it (what the model *is* travels beside it, as the job's content
+    digest; entries without ``trained`` keep the keys they had)."""
     spec = model.model_dump(mode="json", by_alias=True)
     if spec.get("trained") is None:
         spec.pop("trained", None)
-    else:
-        from advbench.training import read_card
-
-        card = read_card(spec["trained"])
-        if card is not None:
-            spec["trained_card"] = f"{card.get('config_hash')}@{card.get('created')}"
     return spec
 
 
@@ -162,20 +138,22 @@ def attack_order(config: BenchmarkConfig) -> list[str]:
 
 
 def plan_jobs(config: BenchmarkConfig, indices: np.ndarray, save_adversarial: bool = False,
-              tags: Tags | None = None) -> list[Job]:
+              worker: Worker | None = None) -> list[Job]:
     """All jobs of a config, in a fixed order: models, defenses, threat models (grouped by all
     but eps), attacks (each white-box attack on a model that needs it naive, then adaptive), then
     shards and eps. A minimal-perturbation attack's jobs at the eps of one group come one after
     another for each shard, so the worker runs the attack once and re-audits its result at each
-    eps. ``tags`` tells what each (model, defense) is (default: load them to find out)."""
+    eps. ``worker`` loads the models and data to learn what each (model, defense) is and the
+    content digests the jobs carry (default: a CPU worker of its own)."""
     from advbench.registry import ATTACKS
 
-    tags = tags or _loading_tags(config)
+    worker = worker or Worker(torch.device("cpu"))
     data = config.data.model_dump(mode="json")
     shards = [tuple(int(i) for i in indices[s : s + config.batch_size]) for s in range(0, len(indices), config.batch_size)]
     labels = config.attack_labels()
     jobs: list[Job] = []
-    for mspec, dspec, mtags, threats in _cells(config, tags):
+    for mspec, dspec, mtags, threats in _cells(config, worker):
+        content = [worker.content(data, mspec, shard) for shard in shards]
         draws = config.draws if mtags.randomized else 1
         views = attack_views(config, mtags) if threats[0].knowledge is Knowledge.WHITE_BOX else [("", None)]
         earlier: dict[tuple[int, ThreatModel], list[str]] = {}
@@ -189,13 +167,14 @@ def plan_jobs(config: BenchmarkConfig, indices: np.ndarray, save_adversarial: bo
             for s, threat in order:
                 after = tuple(earlier.get((s, threat), [])) if config.cascade else ()
                 job = Job(data, mspec, dspec, threat.to_dict(), aspec, s, shards[s], config.seed, after,
-                          save_adversarial, draws)
+                          save_adversarial, draws, content[s])
                 earlier.setdefault((s, threat), []).append(job.key)
                 jobs.append(job)
     return jobs
 
 
-def plan_probes(config: BenchmarkConfig, indices: np.ndarray, input_numel: int, tags: Tags | None = None) -> list[Job]:
+def plan_probes(config: BenchmarkConfig, indices: np.ndarray, input_numel: int,
+                worker: Worker | None = None) -> list[Job]:
     """The large-eps probes of the gradient-masking checks (none when they are off): per model,
     defense, white-box threat group and view, PGD (the config's first PGD entry's parameters,
     its step size left to scale with eps; else PGD's defaults) at an eps whose ball covers the
@@ -204,14 +183,14 @@ def plan_probes(config: BenchmarkConfig, indices: np.ndarray, input_numel: int, 
 
     if not config.masking_checks:
         return []
-    tags = tags or _loading_tags(config)
+    worker = worker or Worker(torch.device("cpu"))
     pgd = next((a for a in config.attacks if a.name == "pgd"), None)
     params = {k: v for k, v in (pgd.params if pgd else {}).items() if k != "step_size"}
     attack = ATTACKS.create("pgd", **params)
     data = config.data.model_dump(mode="json")
     subset = tuple(int(i) for i in indices[:PROBE_EXAMPLES])
     jobs: list[Job] = []
-    for mspec, dspec, mtags, threats in _cells(config, tags):
+    for mspec, dspec, mtags, threats in _cells(config, worker):
         eps = probe_eps(threats[0].norm.value, threats[0].bounds, input_numel)
         if threats[0].knowledge is not Knowledge.WHITE_BOX or eps is None:
             continue
@@ -221,7 +200,8 @@ def plan_probes(config: BenchmarkConfig, indices: np.ndarray, input_numel: int, 
         for suffix, view in attack_views(config, mtags):
             aspec = _attack_spec("pgd", params, f"{PROBE_PREFIX}pgd{suffix}", view, probe=True)
             jobs.append(Job(data, mspec, dspec, threat.to_dict(), aspec, -1, subset, config.seed,
-                            draws=config.draws if mtags.randomized else 1))
+                            draws=config.draws if mtags.randomized else 1,
+                            content=worker.content(data, mspec, subset)))
     return jobs
 
 
@@ -232,28 +212,46 @@ def evaluate(
     save_adversarial: bool = False,
     progress: bool | None = None,
     config_source: str | None = None,
+    warn: bool | None = None,
 ) -> EvaluationResult:
     """Run (or resume) ``config``; write results.csv, results.json, matrix.csv, masking.json and
-    run.json into ``out_dir``. Unless ``progress`` is False, gradient-masking flags are also
-    printed to stderr, one line each."""
+    run.json into ``out_dir``. Warnings (a model with more outputs than the data has classes, a
+    results folder holding other results, ...) are printed to stderr, one ``warning:`` line each,
+    when ``warn`` is true (default: unless ``progress`` is False), and gradient-masking flags
+    unless ``progress`` is False; both are kept in the result and run.json either way.
+
+    Everything that can be checked before an attack runs is checked first (the data, the models'
+    outputs, the threat models' bounds, the output folder): bad input fails before ``out_dir`` or
+    its store is created, so it leaves nothing behind."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out)
     device = resolve_device(config.device)
     config_hash = config.hash()
     started = timestamp()
     t0 = time.perf_counter()
 
-    data = load_data(config.data.model_dump(mode="json"))
+    data_spec = config.data.model_dump(mode="json")
+    data = load_data(data_spec)
     indices = data.sample_indices(config.data.n, config.seed).numpy()
+    worker = Worker(device, amp=config.amp)
+    worker.preload_data(data_spec, data)
+    notes = preflight(config, data, indices, worker)
+    keep = save_adversarial or config.analysis is not None  # the matrices need the examples
+    jobs = plan_jobs(config, indices, keep, worker=worker)
+    jobs += plan_probes(config, indices, int(data.x[0].numel()), worker=worker)
 
+    make_out_dir(out)
     with ResultStore(out / DB_NAME) as store:
         store.register_run(config_hash, config.canonical())
-        worker = Worker(device, robust_lookup=lambda keys: store.robust_mask(config_hash, keys), amp=config.amp)
-        worker.preload_data(config.data.model_dump(mode="json"), data)
-        tags = functools.partial(worker.tags, seed=config.seed)
-        keep = save_adversarial or config.analysis is not None  # the matrices need the examples
-        jobs = plan_jobs(config, indices, keep, tags=tags)
-        jobs += plan_probes(config, indices, int(data.x[0].numel()), tags=tags)
+        store.set_plan(config_hash, [j.key for j in jobs])
+        other, stale = store.other_jobs(config_hash, [j.key for j in jobs])
+        if other or stale:
+            notes.append(f"{out / DB_NAME} also holds {other} job(s) of other configs and {stale} of this config "
+                         f"with other model or data content; they are kept, and no table uses them")
+        if (progress is not False) if warn is None else warn:
+            for note in notes:
+                print(f"warning: {note}", file=sys.stderr)
+        worker.robust_lookup = lambda keys: store.robust_mask(config_hash, keys)
         finished = store.finished_keys(config_hash)
         todo = [
             j for j in jobs
@@ -275,7 +273,7 @@ def evaluate(
 
             write_matrices(store, config, jobs, worker, out)
         if save_adversarial:
-            _write_adversarial(store, config_hash, [j for j in jobs if not j.probe], out / "adversarial")
+            _write_adversarial(store, config_hash, [j for j in jobs if not j.probe], data, indices, out / "adversarial")
 
     provenance = {
         "advbench_run": 1,
@@ -284,7 +282,9 @@ def evaluate(
         "config_source": config_source or "embedded default",
         "seed": config.seed,
         "data": {"name": config.data.name or config.data.path, "split": data.split, "n": int(len(indices)),
-                 "indices_sha": _indices_digest(indices)},
+                 "indices_sha": _indices_digest(indices),
+                 "examples_sha": examples_digest(data, tuple(int(i) for i in indices))},
+        "model_digests": {m.name: worker.base_model(model_spec(m))[1] for m in config.models},
         "versions": versions(),
         "device": device_info(device),
         "started": started,
@@ -293,6 +293,7 @@ def evaluate(
         "jobs": {"total": len(jobs), "run": len(todo), "skipped": len(jobs) - len(todo),
                  "probes": sum(j.probe for j in jobs)},
         "command": " ".join(sys.argv),
+        "notes": notes,
         "model_cards": _model_cards(config),
         "defended_models": _defended_models(worker, config),
     }
@@ -301,7 +302,67 @@ def evaluate(
     lines = masking_lines(masking)
     if lines and progress is not False:
         print(lines, file=sys.stderr)
-    return EvaluationResult(table, matrix, out, config_hash, len(todo), len(jobs) - len(todo), masking)
+    return EvaluationResult(table, matrix, out, config_hash, len(todo), len(jobs) - len(todo), masking, notes)
+
+
+def check_out_dir(out: Path) -> None:
+    """A one-line ConfigError when ``out`` cannot be the output folder (before anything is written)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output folder {out} is a file; give a folder (created if missing)")
+    parent = next((p for p in out.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"output folder {out} lies under {parent}, which is a file, not a folder")
+
+
+def make_out_dir(out: Path) -> None:
+    """Create the output folder (and its parents), as a one-line ConfigError when that is impossible."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the output folder {out}: {exc.strerror or exc}; give a writable --out") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"the output folder {out} is not writable; give a writable --out")
+
+
+def preflight(config: BenchmarkConfig, data: Any, indices: np.ndarray, worker: Worker) -> list[str]:
+    """Check what the run will meet before any job runs; errors raise, warnings are returned.
+
+    Errors: a threat model whose bounds do not contain the evaluated examples; a model (behind each
+    defense) that fails on an example, returns no finite logits, fewer scores than the data has
+    classes, or fewer than a fixed target class needs. Warnings: a model with more scores than the
+    data has classes (a prediction of another class counts as an error); ``quantize: 8bit`` on
+    examples that are not on the 8-bit grid (their 8-bit images may not fit the ball: rejected)."""
+    notes: list[str] = []
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    x = data.x[idx]
+    lo_x, hi_x = float(x.min()), float(x.max())
+    for t in config.threat_models():
+        lo, hi = t.bounds
+        if lo_x < lo or hi_x > hi:
+            raise ConfigError(f"the evaluated examples lie in [{lo_x:g}, {hi_x:g}], outside the bounds [{lo:g}, {hi:g}] "
+                              f"of threat {t.describe()}; give bounds that contain the data (inputs in [0, 1] with "
+                              f"the normalization inside the model is the convention)")
+        if t.quantize == "8bit" and not torch.equal(quantize_8bit(x, t.bounds), x):
+            note = (f"quantize: 8bit with examples off the 8-bit grid of bounds [{lo:g}, {hi:g}]: an example whose "
+                    f"8-bit image leaves the eps-ball is rejected by the audit")
+            notes += [note] if note not in notes else []
+    probe = x[:1].to(worker.device)
+    fixed = [t.target_class for t in config.threat_models() if t.target_class is not None]
+    for m in config.models:
+        for d in config.defenses:
+            deployed = worker.model(model_spec(m), defense_spec(d), config.seed)
+            k = int(checked_logits(deployed, probe, m.name).shape[1])
+            if k < data.num_classes:
+                raise ModelOutputError(f"model {m.name!r} returns {k} scores per example but the data has "
+                                       f"{data.num_classes} classes")
+            if fixed and max(fixed) >= k:
+                raise ConfigError(f"target_class {max(fixed)} is out of range for model {m.name!r} with {k} outputs; "
+                                  f"allowed: 0..{k - 1}")
+            note = (f"model {m.name!r} returns {k} scores per example but the data has {data.num_classes} classes: "
+                    f"a prediction outside 0..{data.num_classes - 1} counts as a misclassification")
+            if k > data.num_classes and note not in notes:
+                notes.append(note)
+    return notes
 
 
 def gradient_checks(worker: Worker, config: BenchmarkConfig, jobs: list[Job], data: Any,
@@ -341,15 +402,19 @@ def gradient_checks(worker: Worker, config: BenchmarkConfig, jobs: list[Job], da
 
 def build_tables(store: ResultStore, config: BenchmarkConfig, jobs: list[Job] | None = None,
                  gradient_found: list[Finding] | None = None, gradient_records: list[dict[str, Any]] | None = None,
-                 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """The results table (with its ``flags``), the matrix and the masking report, from the store."""
+                 keys: set[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """The results table (with its ``flags``), the matrix and the masking report, from the store,
+    over the jobs of the current run only: ``keys``, else those of ``jobs``, else the store's plan."""
     config_hash = config.hash()
     order = {
         "models": [m.name for m in config.models],
         "defenses": [d.name for d in config.defenses],
         "attacks": attack_order(config),
     }
-    examples, stored = store.examples(config_hash), store.jobs(config_hash)
+    # only the current run's jobs: a store may also hold jobs of this config over other content
+    if keys is None:
+        keys = {j.key for j in jobs} if jobs else store.planned_keys(config_hash)
+    examples, stored = store.examples(config_hash, keys), store.jobs(config_hash, keys)
     probe_ex, probe_jobs = examples.attack.str.startswith(PROBE_PREFIX), stored.attack.str.startswith(PROBE_PREFIX)
     scoring = config.randomized_scoring
     table = robust_accuracy_table(examples[~probe_ex], stored[~probe_jobs], order, cascade=config.cascade,
@@ -379,22 +444,25 @@ def write_outputs(out: Path, table: pd.DataFrame, matrix: pd.DataFrame, provenan
     atomic_write_text(out / "run.json", json.dumps(provenance, indent=1, default=str))
 
 
-def _write_adversarial(store: ResultStore, config_hash: str, jobs: list[Job], folder: Path) -> None:
-    """One .npz per cell with x, x_adv, y and the clean and adversarial predictions."""
+def _write_adversarial(store: ResultStore, config_hash: str, jobs: list[Job], data: Any, indices: np.ndarray,
+                       folder: Path) -> None:
+    """``clean.npz`` (idx, x, y of the evaluated examples, once) and one .npz per cell with idx, the
+    audited x_adv, y and the clean and adversarial predictions, streamed shard by shard (a cell is
+    never held in memory whole)."""
     folder.mkdir(parents=True, exist_ok=True)
-    cells: dict[tuple[str, ...], list[dict[str, np.ndarray]]] = {}
+    idx = torch.as_tensor(indices, dtype=torch.long)
+    write_npz_rows(folder / "clean.npz", [{"idx": np.asarray(indices, dtype=np.int64), "x": data.x[idx].numpy(),
+                                            "y": data.y[idx].numpy()}], len(indices))
+    cells: dict[tuple[str, ...], list[Job]] = {}
     for job in jobs:
-        arrays = store.adversarial(config_hash, job.key)
-        if arrays is not None:
-            cells.setdefault(job.cell, []).append(arrays)
+        if store.has_adversarial(config_hash, job.key):
+            cells.setdefault(job.cell, []).append(job)
     for (model, defense, threat_json, attack), parts in cells.items():
         t = json.loads(threat_json)
         eps = "inf" if t["eps"] is None else f"{t['eps']:g}"
-        name = f"{model}__{defense}__{attack}__{t['norm']}-{eps}__{t['targeting']}.npz".replace("/", "_")
-        merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        tmp = folder / (name + ".tmp.npz")
-        np.savez_compressed(tmp, **merged)
-        os.replace(tmp, folder / name)
+        name = f"{model}__{defense}__{attack}__{t['norm']}-{eps}__{t['targeting']}.npz"
+        shards = (store.adversarial(config_hash, j.key) for j in sorted(parts, key=lambda j: j.shard))
+        write_npz_rows(folder / name, shards, sum(len(j.indices) for j in parts))
 
 
 def _indices_digest(indices: np.ndarray) -> str:

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advbench.eval.tables import WORST_CASE
+from advbench.eval.tables import is_worst_case, worst_case_rows
 
 TOL_EXAMPLES = 3  # "a few examples" of slack in every comparison of robust accuracies
 TOL_MIN = 0.01  # ... and at least 1 percentage point
@@ -194,7 +194,7 @@ def check_single_step(table: pd.DataFrame, info: dict[str, AttackInfo] | None = 
     """``single_step``: a single-step attack leaves lower robust accuracy than an iterative one."""
     get = _lookup(info)
     out: list[Finding] = []
-    rows = table[table.attack != WORST_CASE]
+    rows = table[~worst_case_rows(table)]
     for _, g in rows.groupby(["model", "defense", "norm", "eps", "targeting", "knowledge"], sort=False):
         tol = tolerance(int(g.n.min()))
         cells = list(g.itertuples())
@@ -214,7 +214,7 @@ def check_black_box(table: pd.DataFrame, info: dict[str, AttackInfo] | None = No
     """``black_box``: an attack that sees no gradient beats every white-box attack of a view."""
     get = _lookup(info)
     out: list[Finding] = []
-    rows = table[table.attack != WORST_CASE]
+    rows = table[~worst_case_rows(table)]
     for (model, defense, norm, eps, targeting), g in rows.groupby(
             ["model", "defense", "norm", "eps", "targeting"], sort=False):
         black, white = g[g.knowledge != "white_box"], g[g.knowledge == "white_box"]
@@ -242,12 +242,12 @@ def check_large_eps(probes: pd.DataFrame, table: pd.DataFrame,
     get = _lookup(info)
     out: list[Finding] = []
     for p in probes.itertuples():
-        if p.attack == WORST_CASE or not p.robust_accuracy > LARGE_EPS_MAX:
+        if is_worst_case(p.attack) or not p.robust_accuracy > LARGE_EPS_MAX:
             continue
         view = get(p.attack).view
         same = table[(table.model == p.model) & (table.defense == p.defense) & (table.norm == p.norm)
                      & (table.targeting == p.targeting) & (table.knowledge == p.knowledge)
-                     & (table.attack != WORST_CASE)]
+                     & ~worst_case_rows(table)]
         labels = [a for a in dict.fromkeys(same.attack) if get(a).view == view]
         out.append(Finding(
             "large_eps",
@@ -368,7 +368,7 @@ def report(findings: Sequence[Finding], probes: pd.DataFrame | None, gradients: 
     """The content of masking.json."""
     probe_rows = [] if probes is None or probes.empty else [
         {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
-        for r in probes[probes.attack != WORST_CASE][
+        for r in probes[~worst_case_rows(probes)][
             ["model", "defense", "attack", "norm", "eps", "targeting", "knowledge", "n", "clean_accuracy",
              "robust_accuracy", "seconds"]].to_dict(orient="records")
     ]

@@ -35,8 +35,9 @@ from advbench.store import ResultStore
 Cell = tuple[str, str, str, str]  # (model, defense, threat_json, attack)
 
 
-def stored_cells(store: ResultStore, config_hash: str, jobs: list[Job]) -> dict[Cell, dict[str, np.ndarray]]:
-    """Each cell's stored examples (x, x_adv, y, idx, ...) merged over its shards, in index order."""
+def stored_cells(store: ResultStore, config_hash: str, jobs: list[Job], data: Any) -> dict[Cell, dict[str, np.ndarray]]:
+    """Each cell's stored examples (the audited x_adv, y, idx, ...) merged over its shards, in index
+    order, with the clean inputs ``x`` taken from ``data`` (the store keeps each example once)."""
     parts: dict[Cell, list[dict[str, np.ndarray]]] = {}
     for job in jobs:
         if job.probe:
@@ -49,6 +50,7 @@ def stored_cells(store: ResultStore, config_hash: str, jobs: list[Job]) -> dict[
         merged = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
         order = np.argsort(merged["idx"], kind="stable")
         cells[cell] = {k: v[order] for k, v in merged.items()}
+        cells[cell]["x"] = data.x[torch.as_tensor(cells[cell]["idx"], dtype=torch.long)].numpy()
     return cells
 
 
@@ -125,7 +127,7 @@ def write_matrices(store: ResultStore, config: BenchmarkConfig, jobs: list[Job],
     analysis = config.analysis
     if analysis is None:
         return
-    cells = stored_cells(store, config.hash(), jobs)
+    cells = stored_cells(store, config.hash(), jobs, worker.data(config.data.model_dump(mode="json")))
     models = {(m.name, d.name): worker.model(model_spec(m), defense_spec(d), config.seed)
               for m in config.models for d in config.defenses}
     if analysis.transfer:

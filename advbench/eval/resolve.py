@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -51,6 +52,54 @@ def load_model(spec: dict[str, Any]) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model {spec['name']!r} did not load as a torch.nn.Module (got {type(model).__name__})")
     return model
+
+
+def module_digest(model: nn.Module) -> str:
+    """SHA-256 (20 hex digits) of a module's state: every parameter and buffer, by name, dtype,
+    shape and bytes. Two modules with the same digest hold the same numbers."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        if not isinstance(value, torch.Tensor):
+            h.update(f"{name}={value!r};".encode())
+            continue
+        t = value.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 (20 hex digits) of a file's bytes, read in chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()[:20]
+
+
+def model_digest(spec: dict[str, Any], model: nn.Module) -> str:
+    """What a loaded model is, by content: its state (weights and buffers), and the bytes of the
+    files that also define it (a saved program's graph, a trained model's encoding description).
+    A job's key carries it, so replacing a file or retraining into the same name never resumes
+    the old results."""
+    import hashlib
+
+    parts = [module_digest(model)]
+    if spec.get("file") is not None:
+        parts.append(file_digest(spec["file"]))
+    if spec.get("trained") is not None:
+        from advbench.training.store import DESCRIPTION, trained_dir
+
+        described = trained_dir(spec["trained"]) / DESCRIPTION
+        if described.is_file():
+            parts.append(file_digest(described))
+    return parts[0] if len(parts) == 1 else hashlib.sha256("+".join(parts).encode()).hexdigest()[:20]
 
 
 def apply_defense(model: nn.Module, spec: dict[str, Any], seed: int = 0) -> nn.Module:

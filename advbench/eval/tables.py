@@ -40,10 +40,12 @@ import numpy as np
 import pandas as pd
 
 WORST_CASE = "worst-case"
+ANY_KNOWLEDGE = "any"  # the knowledge column of a worst case over attackers of several knowledge levels
+KNOWLEDGE_ORDER = ("white_box", "score_based", "decision_based", "transfer")
 
 COLUMNS = [
     "model", "defense", "attack", "norm", "eps", "targeting", "knowledge", "n", "clean_accuracy",
-    "robust_accuracy", "attack_success_rate", "audit_violations", "quantization_failures", "median_distance",
+    "robust_accuracy", "attack_success_rate", "target_is_label", "audit_violations", "quantization_failures", "median_distance",
     "mean_distance", "found_rate", "seconds", "n_forward", "n_backward", "n_queries", "flags",
 ]
 
@@ -83,20 +85,24 @@ def _row(ex: pd.DataFrame, jobs: pd.DataFrame, clean: np.ndarray, success: np.nd
     """A row's numbers from per-example-and-draw outcomes (see :func:`_outcomes`)."""
     n = len(ex)
     hit = clean & success
+    # a targeted threat's examples already of the target class are left out of its attacks: they
+    # stay robust unless broken otherwise, and are not counted as attempts
+    left_out = _target_is_label(ex)
     if scoring == "all":  # a point counts only if it holds in every draw
         clean_pts = clean.all(axis=1)
         clean_score, robust_score = clean_pts.sum(), (clean & ~broken).all(axis=1).sum()
-        asr_num, asr_den = (clean_pts & hit.any(axis=1)).sum(), clean_pts.sum()
+        asr_num, asr_den = (clean_pts & hit.any(axis=1)).sum(), (clean_pts & ~left_out).sum()
     else:  # the fraction of draws a point holds in
         clean_score, robust_score = clean.mean(axis=1).sum(), (clean & ~broken).mean(axis=1).sum()
-        asr_num, asr_den = hit.sum(), clean.sum()
+        asr_num, asr_den = hit.sum(), (clean & ~left_out[:, None]).sum()
     correct = clean.any(axis=1)
     n_correct = int(correct.sum())
     found_rate = float("nan")
     if "min_distance" in ex and ex.min_distance.notna().any():  # a minimal-perturbation attack
         searched = ex.min_distance[correct & ex.attacked.to_numpy(dtype=bool)].dropna()
         dist = searched[np.isfinite(searched)]
-        found_rate = len(dist) / n_correct if n_correct else float("nan")
+        attempted = int((correct & ~left_out).sum())
+        found_rate = len(dist) / attempted if attempted else float("nan")
     else:
         dist = ex.distance[hit.any(axis=1)].dropna()
     return {
@@ -104,6 +110,7 @@ def _row(ex: pd.DataFrame, jobs: pd.DataFrame, clean: np.ndarray, success: np.nd
         "clean_accuracy": float(clean_score) / n if n else float("nan"),
         "robust_accuracy": float(robust_score) / n if n else float("nan"),
         "attack_success_rate": float(asr_num) / float(asr_den) if asr_den else float("nan"),
+        "target_is_label": int((correct & left_out).sum()),
         "audit_violations": int(jobs.violations.sum()),
         "quantization_failures": int(jobs.quantization_failures.sum()),
         "median_distance": float(dist.median()) if len(dist) else float("nan"),
@@ -117,6 +124,50 @@ def _row(ex: pd.DataFrame, jobs: pd.DataFrame, clean: np.ndarray, success: np.nd
     }
 
 
+def _target_is_label(ex: pd.DataFrame) -> np.ndarray:
+    """Per example: a targeted threat whose target is the example's own label."""
+    target = pd.to_numeric(ex.target).to_numpy(dtype=float)
+    return ~np.isnan(target) & (target == ex.label.to_numpy(dtype=float))
+
+
+def is_worst_case(label: object) -> bool:
+    """Whether a results row is a worst case (over every attack, or over those of one knowledge)."""
+    return isinstance(label, str) and (label == WORST_CASE or label.startswith(WORST_CASE + " ("))
+
+
+def worst_case_rows(table: pd.DataFrame) -> pd.Series:
+    """The boolean mask of a table's worst-case rows."""
+    return table.attack.map(is_worst_case).astype(bool)
+
+
+def _worst_key(threat_json: str) -> str:
+    """A threat model without the attacker's access (knowledge, query budget): the worst case over
+    attacks combines every attacker that ran against the same perturbation set."""
+    t = json.loads(threat_json)
+    return json.dumps({k: v for k, v in t.items() if k not in ("knowledge", "query_budget")}, sort_keys=True)
+
+
+def _access(threat_json: str) -> str:
+    t = json.loads(threat_json)
+    return t["knowledge"] + (f", {t['query_budget']} queries" if t.get("query_budget") else "")
+
+
+class _Group:
+    """One (model, defense, threat) group's per-example outcomes by attack, on a shared index."""
+
+    def __init__(self, group: pd.DataFrame, attacks: list[str]) -> None:
+        self.index = pd.Index(sorted(group.idx.unique()), name="idx")
+        self.parts = []
+        for attack in attacks:
+            ex = group[group.attack == attack].set_index("idx").sort_index()
+            clean, success, brk = _outcomes(ex)
+            pos = self.index.get_indexer(ex.index)
+            s_all = np.zeros((len(self.index), success.shape[1]), bool)
+            b_all = np.zeros((len(self.index), brk.shape[1]), bool)
+            s_all[pos], b_all[pos] = success, brk
+            self.parts.append((attack, ex, clean, success, brk, pos, s_all, b_all))
+
+
 def robust_accuracy_table(
     examples: pd.DataFrame,
     jobs: pd.DataFrame,
@@ -125,6 +176,11 @@ def robust_accuracy_table(
     scoring: str = "mean",
 ) -> pd.DataFrame:
     """One row per cell plus worst-case rows; ``order`` lists models/defenses/threats/attacks in config order.
+
+    The worst case per (model, defense, threat model) is the per-example minimum over *every*
+    attack that ran there, whatever its knowledge: where attacks of several knowledge levels (or
+    query budgets) met the same perturbation set, the ``worst-case`` row (knowledge ``any``)
+    combines them all, and ``worst-case (<knowledge>)`` rows give each level's own.
 
     With ``cascade`` the attacks ran in order on the points still robust, so each attack's row
     reports the cumulative numbers of the attacks up to it. ``scoring`` says how a randomized
@@ -137,54 +193,82 @@ def robust_accuracy_table(
     examples = examples.assign(success=examples.success.astype(bool))
     order = order or {}
     rows = []
+    by_key: dict[tuple[str, str, str], list[tuple[str, _Group, pd.DataFrame]]] = {}
     for (model, defense, threat_json), group in examples.groupby(["model", "defense", "threat_json"], sort=False):
         gjobs = jobs[(jobs.model == model) & (jobs.defense == defense) & (jobs.threat_json == threat_json)]
         tcols = _threat_columns(threat_json)
         attacks = list(dict.fromkeys(group.attack))
         if "attacks" in order:
             attacks.sort(key=lambda a: order["attacks"].index(a) if a in order["attacks"] else len(order["attacks"]))
-        index = pd.Index(sorted(group.idx.unique()), name="idx")
+        g = _Group(group, attacks)
         succeeded = broken = None  # per example of the group and draw: by any attack so far
-        base = None
-        for attack in attacks:
-            ex = group[group.attack == attack].set_index("idx").sort_index()
-            clean, success, brk = _outcomes(ex)
-            base = (ex, clean) if base is None else base
-            pos = index.get_indexer(ex.index)
-            s_all, b_all = np.zeros((len(index), success.shape[1]), bool), np.zeros((len(index), brk.shape[1]), bool)
-            s_all[pos], b_all[pos] = success, brk
+        for attack, ex, clean, success, brk, pos, s_all, b_all in g.parts:
             succeeded = s_all if succeeded is None else succeeded | s_all
             broken = b_all if broken is None else broken | b_all
             if cascade:
                 success, brk = succeeded[pos], broken[pos]
-            row = {"model": model, "defense": defense, "attack": attack, **tcols,
-                   **_row(ex, gjobs[gjobs.attack == attack], clean, success, brk, scoring)}
-            rows.append(row)
-        if len(attacks) > 1 or cascade:
-            ex, clean = base
-            pos = index.get_indexer(ex.index)
-            row = {"model": model, "defense": defense, "attack": WORST_CASE, **tcols,
-                   **_row(ex, gjobs, clean, succeeded[pos], broken[pos], scoring)}
-            # the worst case's distances: the smallest successful perturbation over attacks
-            succ = group[group.success]
-            if len(succ):
-                best = succ.groupby("idx").distance.min().dropna()
-                row["median_distance"], row["mean_distance"] = float(best.median()), float(best.mean())
-            rows.append(row)
+            rows.append({"model": model, "defense": defense, "attack": attack, **tcols,
+                         **_row(ex, gjobs[gjobs.attack == attack], clean, success, brk, scoring)})
+        by_key.setdefault((model, defense, _worst_key(threat_json)), []).append((threat_json, g, gjobs))
+    for (model, defense, _), members in by_key.items():
+        several = len(members) > 1
+        for threat_json, g, gjobs in members:
+            if len(g.parts) > 1 or (cascade and not several):
+                label = f"{WORST_CASE} ({_access(threat_json)})" if several else WORST_CASE
+                rows.append(_worst_row(model, defense, label, _threat_columns(threat_json), [g], gjobs, scoring))
+        if several:
+            tcols = {**_threat_columns(members[0][0]), "knowledge": ANY_KNOWLEDGE}
+            gjobs = pd.concat([m[2] for m in members])
+            rows.append(_worst_row(model, defense, WORST_CASE, tcols, [m[1] for m in members], gjobs, scoring))
     table = pd.DataFrame(rows, columns=COLUMNS)
     return _sort(table, order)
+
+
+def _worst_row(model: str, defense: str, label: str, tcols: dict[str, object], groups: list[_Group],
+               gjobs: pd.DataFrame, scoring: str) -> dict[str, object]:
+    """The worst case over every attack of ``groups`` (threat groups over the same examples): an
+    example is broken when any of them broke it; its distance is the smallest successful one."""
+    index = groups[0].index
+    for g in groups[1:]:
+        index = index.union(g.index)
+    succeeded = broken = None
+    base = None
+    for g in groups:
+        for attack, ex, clean, success, brk, pos, s_all, b_all in g.parts:
+            at = index.get_indexer(g.index)
+            s = np.zeros((len(index), s_all.shape[1]), bool)
+            b = np.zeros((len(index), b_all.shape[1]), bool)
+            s[at], b[at] = s_all, b_all
+            succeeded = s if succeeded is None else succeeded | s
+            broken = b if broken is None else broken | b
+            base = (ex, clean) if base is None else base
+    ex, clean = base
+    pos = index.get_indexer(ex.index)
+    row = {"model": model, "defense": defense, "attack": label, **tcols,
+           **_row(ex, gjobs, clean, succeeded[pos], broken[pos], scoring)}
+    row["found_rate"] = float("nan")
+    succ = pd.concat([part[1][part[1].success] for g in groups for part in g.parts])
+    if len(succ):  # the worst case's distances: the smallest successful perturbation over attacks
+        best = succ.groupby(level="idx").distance.min().dropna()
+        row["median_distance"], row["mean_distance"] = float(best.median()), float(best.mean())
+    else:
+        row["median_distance"] = row["mean_distance"] = float("nan")
+    return row
 
 
 def _sort(table: pd.DataFrame, order: dict[str, list[str]]) -> pd.DataFrame:
     def rank(col: str, values: pd.Series) -> pd.Series:
         ref = order.get(col + "s", [])
-        return values.map(lambda v: ref.index(v) if v in ref else (len(ref) + 1 if v == WORST_CASE else len(ref)))
+        return values.map(lambda v: ref.index(v) if v in ref else (
+            len(ref) + (2 if v == WORST_CASE else 1 if is_worst_case(v) else 0)))
 
+    levels = [*KNOWLEDGE_ORDER, ANY_KNOWLEDGE]
     keys = table.assign(
-        _m=rank("model", table.model), _d=rank("defense", table.defense), _a=rank("attack", table.attack)
+        _m=rank("model", table.model), _d=rank("defense", table.defense), _a=rank("attack", table.attack),
+        _k=table.knowledge.map(lambda k: levels.index(k) if k in levels else len(levels)),
     )
-    keys = keys.sort_values(["_m", "_d", "norm", "targeting", "knowledge", "eps", "_a"], kind="stable")
-    return keys.drop(columns=["_m", "_d", "_a"]).reset_index(drop=True)
+    keys = keys.sort_values(["_m", "_d", "norm", "targeting", "_k", "eps", "_a"], kind="stable")
+    return keys.drop(columns=["_m", "_d", "_a", "_k"]).reset_index(drop=True)
 
 
 def robust_accuracy_matrix(table: pd.DataFrame, attack_order: list[str] | None = None) -> pd.DataFrame:

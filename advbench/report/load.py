@@ -43,7 +43,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _stored_runs(db: Path) -> list[tuple[str, str, int]]:
     """(config hash, config JSON, finished jobs) of each config in the store, newest first."""
     try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        # a file: URI, percent-encoded, so a folder named like "q?x#y" is not read as a query
+        conn = sqlite3.connect(f"{db.absolute().as_uri()}?mode=ro", uri=True)
         try:
             return conn.execute(
                 "SELECT r.config_hash, r.config_json, (SELECT COUNT(*) FROM jobs j WHERE j.config_hash = r.config_hash) "

@@ -14,7 +14,7 @@ import pandas as pd
 from advbench.config import attack_threats
 from advbench.eval.evaluator import build_tables
 from advbench.eval.masking import Finding
-from advbench.eval.tables import WORST_CASE, _threat_columns
+from advbench.eval.tables import _threat_columns, worst_case_rows
 from advbench.report.load import Run
 from advbench.store import ResultStore
 
@@ -64,7 +64,7 @@ def _expected_cells(run: Run, results: pd.DataFrame) -> pd.DataFrame:
     csv = run.folder / "results.csv"
     if csv.is_file():
         earlier = pd.read_csv(csv)
-        earlier = earlier[earlier.attack != WORST_CASE]
+        earlier = earlier[~worst_case_rows(earlier)]
         if set(CELL) <= set(earlier.columns):
             expected = pd.concat([expected, earlier[CELL]], ignore_index=True)
     expected = expected.drop_duplicates(CELL, ignore_index=True)
@@ -75,7 +75,7 @@ def _expected_cells(run: Run, results: pd.DataFrame) -> pd.DataFrame:
 def missing_cells(run: Run, results: pd.DataFrame) -> pd.DataFrame:
     """The expected cells the store lacks (status ``missing``) or holds only some shards of (``partial``)."""
     expected = _expected_cells(run, results)
-    stored = results[results.attack != WORST_CASE][CELL + ["n"]]
+    stored = results[~worst_case_rows(results)][CELL + ["n"]]
     merged = expected.merge(stored, on=CELL, how="left")
     merged["n"] = merged.n.fillna(0).astype(int)
     merged["status"] = ["missing" if n == 0 else "partial" for n in merged.n]
@@ -84,7 +84,7 @@ def missing_cells(run: Run, results: pd.DataFrame) -> pd.DataFrame:
 
 def attack_cost(results: pd.DataFrame) -> pd.DataFrame:
     """Each attack's cost per model, defense and norm, summed over its eps."""
-    rows = results[results.attack != WORST_CASE]
+    rows = results[~worst_case_rows(results)]
     keys = ["model", "defense", "attack", "norm", "targeting", "knowledge"]
     cost = rows.groupby(keys, sort=False)[COST].sum().reset_index()
     cells = rows.groupby(keys, sort=False).size().rename("cells").reset_index()
@@ -98,5 +98,7 @@ def rebuild(run: Run) -> Tables:
     gradient = [Finding(f["code"], f["seen"], f["where"]) for f in stored if f.get("code") in GRADIENT_CODES]
     with ResultStore(run.db) as store:
         results, matrix, masking = build_tables(store, run.config, _attack_info(run), gradient,  # type: ignore[arg-type]
-                                                run.masking.get("gradients", []))
+                                                run.masking.get("gradients", []),
+                                                keys=store.planned_keys(run.config_hash)
+                                                or store.finished_keys(run.config_hash))
     return Tables(results, matrix, masking, missing_cells(run, results), attack_cost(results))

@@ -33,6 +33,7 @@ from advbench.config import (
     DataSpec,
     _Strict,
     parse_number,
+    seed_field,
     read_yaml_file,
     validated,
 )
@@ -117,7 +118,7 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(default=0.0, ge=0)
     schedule: Literal["constant", "onecycle"] = "constant"
     augmentation: Literal["none", "shift-2", "crop-4+hflip"] = "none"
-    seed: int = 0
+    seed: int = seed_field()
     device: str = "cpu"
     threads: int = Field(default=1, ge=1)
 

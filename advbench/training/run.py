@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from advbench.errors import DataError
+from advbench.errors import ConfigError, DataError
 from advbench.files import file_lock
 from advbench.models.zoo import num_threads
 from advbench.training.config import TrainConfig, robust_eps
@@ -51,8 +51,16 @@ def train(
 ) -> TrainResult:
     """Train ``config`` into ``<ADVBENCH_CACHE>/trained/<name>/`` (see :mod:`advbench.training`)."""
     from advbench.eval.provenance import resolve_device
+    from advbench.eval.resolve import load_data
+    from advbench.training.recipes import make_recipe
 
     device = resolve_device(config.device)
+    # everything that can be checked is checked before the model's folder exists: bad input
+    # leaves nothing behind
+    recipe = make_recipe(config.recipe.name, config.recipe.params)
+    train_data = load_data(config.data_spec())
+    eval_data = load_data(config.eval_data_spec())
+    check_fits(config, recipe, train_data, eval_data)
     folder = trained_dir(config.name)
     folder.mkdir(parents=True, exist_ok=True)
     with file_lock(folder / LOCK):
@@ -67,23 +75,33 @@ def train(
             (folder / CARD).unlink()
         threads = num_threads(config.threads) if device.type == "cpu" else contextlib.nullcontext()
         with threads, torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
-            return _train(config, folder, device, progress, stop_after_epochs, log)
+            return _train(config, recipe, train_data, eval_data, folder, device, progress, stop_after_epochs, log)
 
 
-def _train(config: TrainConfig, folder: Path, device: torch.device, progress: bool | None,
-           stop_after_epochs: int | None, log: Callable[[str], None] | None) -> TrainResult:
-    from advbench.eval.resolve import load_data
+def check_fits(config: TrainConfig, recipe: Any, train_data: Any, eval_data: Any) -> None:
+    """A one-line error when the data does not fit the architecture (or the evaluation split
+    differs from the training one): the zoo architecture fixes its input's size and channels
+    (an encoding recipe such as thermometer widens the channels itself)."""
+    from advbench.models.zoo import get_spec
+
+    if train_data.input_shape != eval_data.input_shape:
+        raise DataError(f"training images are {train_data.input_shape} but evaluation images {eval_data.input_shape}")
+    expected = get_spec(config.architecture).input_shape
+    c, h, w = train_data.input_shape
+    if (h, w) != tuple(expected[1:]) or (recipe.in_channels(c) is None and c != expected[0]):
+        shape = "x".join(map(str, expected))
+        raise ConfigError(f"architecture {config.architecture!r} takes {shape} inputs but {train_data.name} "
+                          f"{train_data.split!r} gives {c}x{h}x{w}; choose an architecture made for this data "
+                          f"(advbench list models)")
+
+
+def _train(config: TrainConfig, recipe: Any, train_data: Any, eval_data: Any, folder: Path, device: torch.device,
+           progress: bool | None, stop_after_epochs: int | None, log: Callable[[str], None] | None) -> TrainResult:
     from advbench.training.architectures import classifier_of, describe
     from advbench.training.card import make_card
     from advbench.training.loop import run_loop
     from advbench.training.measure import measure
-    from advbench.training.recipes import make_recipe
 
-    recipe = make_recipe(config.recipe.name, config.recipe.params)
-    train_data = load_data(config.data_spec())
-    eval_data = load_data(config.eval_data_spec())
-    if train_data.input_shape != eval_data.input_shape:
-        raise DataError(f"training images are {train_data.input_shape} but evaluation images {eval_data.input_shape}")
     x, y = train_data.x, train_data.y
     if config.data.n is not None:
         x, y = x[: config.data.n], y[: config.data.n]

@@ -26,7 +26,7 @@ import yaml
 from torch import nn
 
 from advbench.errors import ConfigError, DataError
-from advbench.files import atomic_write
+from advbench.files import atomic_write, check_name
 
 WEIGHTS, DESCRIPTION, CONFIG, CARD, CHECKPOINT, LOCK = (
     "model.pt", "model.json", "config.yaml", "card.json", "checkpoint.pt", ".lock",
@@ -41,7 +41,8 @@ def trained_root() -> Path:
 
 
 def trained_dir(name: str) -> Path:
-    return trained_root() / name
+    """The folder of the trained model ``name``; a name that would leave the store is refused."""
+    return trained_root() / check_name(name, "trained model name")
 
 
 def write_bytes(path: Path, data: bytes) -> None:
