@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", help="override the config's device: cpu, cuda, cuda:N, auto")
     ev.add_argument("--seed", type=int, help="override the config's seed")
     ev.add_argument("--quiet", action="store_true", help="no progress bar and no table on stdout")
+    ev.add_argument("--threads", type=int, help="CPU threads per job (default: one for small models, all for "
+                    "large ones; OMP_NUM_THREADS also fixes it); results do not depend on it")
 
     ls = sub.add_parser("list", help="list registered attacks, defenses, models or data sets")
     ls.add_argument("kind", choices=["attacks", "defenses", "models", "datasets", "traversals", "transformations"])
@@ -99,6 +101,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         progress=False if args.quiet else None,
         config_source=str(args.config) if args.config else None,
         warn=True,
+        threads=args.threads,
     )
     if not args.quiet:
         print(format_matrix(result.matrix))
@@ -190,9 +193,18 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         return 0
     diffs = lb.compare(stored, measured, tolerance)
     if diffs:
-        print(f"leaderboard check FAILED: {len(diffs)} difference(s) beyond tolerance {tolerance:g} "
-              f"({seconds:.1f} s)\n{lb.format_differences(diffs)}\n"
-              "(if the change is intended: advbench leaderboard update && advbench leaderboard build)")
+        models = [d for d in diffs if d.model_changed]
+        numbers = [d for d in diffs if not d.model_changed]
+        print(f"leaderboard check FAILED ({seconds:.1f} s)")
+        if models:
+            print(f"\nthe model changed: {len(models)} entr{'y' if len(models) == 1 else 'ies'} measured on other "
+                  f"weights than now (another checkpoint, or a model trained here instead of the shipped one)\n"
+                  f"{lb.format_differences(models)}")
+        if numbers:
+            print(f"\nthe numbers changed: {len(numbers)} difference(s) beyond tolerance {tolerance:g}"
+                  f"{' (beside the model changes above)' if models else ' on the same models'}\n"
+                  f"{lb.format_differences(numbers)}")
+        print("\n(if the change is intended: advbench leaderboard update && advbench leaderboard build)")
         return 1
     print(f"leaderboard check passed: {len(measured)} entries within tolerance {tolerance:g} ({seconds:.1f} s)")
     return 0

@@ -6,7 +6,7 @@ Layout of a leaderboard folder (``leaderboard/`` in the repository)::
     entries/<model>__<defense>__<threat>.json   one entry each (schema below)
     README.md, index.html                       rendered by ``advbench leaderboard build``
 
-Entry schema, version 1 (numbers are JSON numbers, accuracies are fractions in [0, 1])::
+Entry schema, version 2 (numbers are JSON numbers, accuracies are fractions in [0, 1])::
 
     schema_version   1
     model, defense   names as in the suite config
@@ -22,9 +22,13 @@ Entry schema, version 1 (numbers are JSON numbers, accuracies are fractions in [
     date             when the numbers were measured (ISO 8601)
     architecture     from the model card, or null
     masking_findings number of gradient-masking flags raised for this model and defense
+    model_digest     digest of the model's weights the numbers were measured on
 
-``check`` compares the numbers (clean_accuracy, robust_accuracy, attacks.*) with an absolute
-tolerance, ``n`` and ``config_hash`` exactly, and reports missing and stale entries.
+``check`` first compares each entry's ``model_digest``: a model that changed is reported as such
+(the suites use the zoo's shipped reference checkpoints, so on a fresh machine it does not), apart
+from numbers that changed on the same model; then the numbers (clean_accuracy, robust_accuracy,
+attacks.*) with an absolute tolerance, ``n`` and ``config_hash`` exactly, and missing and stale
+entries.
 """
 
 from __future__ import annotations
@@ -40,15 +44,17 @@ from typing import Any
 
 from advbench.errors import ConfigError
 
-SCHEMA_VERSION = 1
-# Absolute tolerance on accuracies (fractions). The suite is deterministic on CPU for its seed,
-# so on one machine a rerun reproduces every number exactly; the tolerance only absorbs float
-# nondeterminism across machines and torch versions, which can flip a few borderline examples
-# (1 point = 3.6 of the 360 test digits). A broken attack moves robust accuracy far more.
+SCHEMA_VERSION = 2
+# Absolute tolerance on accuracies (fractions). The suites evaluate the shipped reference
+# checkpoints, deterministically on CPU for their seed, so on one machine a rerun reproduces every
+# number exactly; the tolerance only absorbs float differences in inference across CPUs and torch
+# versions, which can flip a few borderline examples (1 point = 3.6 of the 360 test digits). A
+# broken attack moves robust accuracy far more.
 DEFAULT_TOLERANCE = 0.01
 WORST = "worst-case"
 REQUIRED = ("schema_version", "model", "defense", "threat", "n", "clean_accuracy", "robust_accuracy",
-            "attacks", "config_hash", "config", "seed", "versions", "date")
+            "attacks", "config_hash", "config", "seed", "versions", "date", "model_digest")
+MODEL = "model_digest"
 
 
 # ----------------------------------------------------------------------------- entries
@@ -68,22 +74,26 @@ def entry_name(entry: dict[str, Any]) -> str:
 
 def entries_from_table(table: Any, config: Any, masking: dict[str, Any] | None = None,
                        versions: dict[str, Any] | None = None, date: str | None = None,
-                       cards: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Leaderboard entries from an evaluation's results table (one per model, defense, threat)."""
+                       cards: dict[str, Any] | None = None, digests: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Leaderboard entries from an evaluation's results table (one per model, defense and threat
+    model; the worst case over every attacker that ran there, whatever its knowledge, ranks).
+    ``digests`` maps each model to the digest of the weights the table was measured on."""
     from advbench.eval.provenance import timestamp
     from advbench.eval.provenance import versions as package_versions
+    from advbench.eval.tables import is_worst_case
 
     findings = (masking or {}).get("findings", [])
-    keys = ["model", "defense", "norm", "eps", "targeting", "knowledge"]
+    keys = ["model", "defense", "norm", "eps", "targeting"]
     out = []
     for key, group in table.groupby(keys, sort=False):
-        model, defense, norm, eps, targeting, knowledge = key
+        model, defense, norm, eps, targeting = key
         rows = {str(r.attack): r for r in group.itertuples(index=False)}
-        attacks = {a: float(r.robust_accuracy) for a, r in rows.items() if a != WORST}
+        attacks = {a: float(r.robust_accuracy) for a, r in rows.items() if not is_worst_case(a)}
         if not attacks:
             continue
         worst_attack = min(attacks, key=lambda a: (attacks[a], a))
         first = rows.get(WORST, next(iter(rows.values())))
+        knowledge = first.knowledge
         entry = {
             "schema_version": SCHEMA_VERSION,
             "model": str(model),
@@ -102,6 +112,7 @@ def entries_from_table(table: Any, config: Any, masking: dict[str, Any] | None =
             "date": date or timestamp(),
             "architecture": ((cards or {}).get(str(model)) or {}).get("architecture"),
             "masking_findings": sum(1 for f in findings if f.get("model") == model and f.get("defense") == defense),
+            MODEL: (digests or {}).get(str(model)),
         }
         entry["threat_id"] = threat_id(entry["threat"])
         out.append(entry)
@@ -281,8 +292,9 @@ def run_suite(folder: str | Path) -> tuple[list[dict[str, Any]], float]:
         config = load_config(suite)
         with tempfile.TemporaryDirectory(prefix="advbench-leaderboard-") as tmp:
             result = evaluate(config, tmp, progress=False, config_source=str(suite))
-            cards = json.loads((Path(tmp) / "run.json").read_text()).get("model_cards", {})
-        entries += entries_from_table(result.table, config, result.masking, cards=cards)
+            run = json.loads((Path(tmp) / "run.json").read_text())
+        entries += entries_from_table(result.table, config, result.masking, cards=run.get("model_cards", {}),
+                                      digests=run.get("model_digests", {}))
     return entries, time.perf_counter() - t0
 
 
@@ -292,6 +304,11 @@ class Difference:
     field: str
     stored: Any
     measured: Any
+
+    @property
+    def model_changed(self) -> bool:
+        """The entry's numbers were measured on other weights: not a regression of the numbers."""
+        return self.field == MODEL
 
     @property
     def difference(self) -> float | None:
@@ -320,6 +337,8 @@ def compare(stored: dict[str, dict[str, Any]], measured: list[dict[str, Any]],
         if old is None:
             diffs.append(Difference(name, "(entry)", "missing", "measured"))
             continue
+        if old.get(MODEL) != new.get(MODEL):
+            diffs.append(Difference(name, MODEL, old.get(MODEL), new.get(MODEL)))
         for field in ("n", "config_hash"):
             if old.get(field) != new[field]:
                 diffs.append(Difference(name, field, old.get(field), new[field]))

@@ -20,10 +20,33 @@ def _cli(*args, cwd=None, env_extra=None, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _matrix_cells(text: str) -> dict[tuple[str, str], list[float]]:
+    """(model, attack) -> the numbers of each row of a printed matrix."""
+    cells, model = {}, None
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and parts[0].startswith("digits-"):
+            model, parts = parts[0], parts[2:]
+        try:
+            cells[(model, parts[0])] = [float(v) for v in parts[1:]] if model and len(parts) == 5 else None
+        except (ValueError, IndexError):
+            continue
+    return {k: v for k, v in cells.items() if v is not None}
+
+
 def test_default_evaluate_prints_the_matrix(tmp_path):
-    r = _cli("evaluate", "--out", str(tmp_path / "run"))
+    r = _cli("evaluate", "--out", str(tmp_path / "run"), env_extra={"ADVBENCH_CACHE": str(tmp_path / "fresh-cache")})
     assert r.returncode == 0, r.stderr
     assert "robust accuracy %" in r.stdout and "digits-cnn" in r.stdout and "worst-case" in r.stdout
+    # the README prints what a fresh machine prints (shipped weights; a cell may differ by one
+    # example's float noise on another CPU, 0.3 points of 360)
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("$ advbench evaluate\n", 1)[1].split("```", 1)[0]
+    printed, documented = _matrix_cells(r.stdout), _matrix_cells(block)
+    assert printed.keys() == documented.keys() and len(printed) == 10
+    for key, values in printed.items():
+        assert max(abs(a - b) for a, b in zip(values, documented[key])) <= 0.3, (key, values, documented[key])
+    assert "26 jobs run, 0 resumed" in r.stdout and "26 jobs run, 0 resumed" in block
     df = pd.read_csv(tmp_path / "run" / "results.csv")
     assert set(df.attack) == {"fgsm", "bim", "illc", "pgd", "worst-case"}
     assert len(df) == 2 * 3 * 5

@@ -66,14 +66,54 @@ def test_check_fails_on_a_perturbed_entry_with_a_readable_diff(board, capsys):
     path.write_text(lb.dumps(entry))
     code, out, _ = _run(capsys, "check", "--dir", board)
     assert code == 1
-    assert "FAILED: 1 difference(s)" in out
-    header, row = [line.split() for line in out.splitlines()[1:3]]
+    assert "the numbers changed: 1 difference(s) beyond tolerance 0.01 on the same models" in out
+    assert "the model changed" not in out
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("the numbers changed"))
+    header, row = [line.split() for line in lines[at + 1 : at + 3]]
     assert header == ["entry", "field", "stored", "measured", "difference"]
     assert row[:2] == ["digits-mlp__none__linf-0.1", "attacks.pgd"]
     assert float(row[2]) == pytest.approx(true_pgd + 0.05, abs=1e-4) and float(row[3]) == pytest.approx(true_pgd, abs=1e-4)
     assert row[4] == "-0.0500"
     # within a looser tolerance the same entry passes
     assert _run(capsys, "check", "--dir", board, "--tolerance", "0.06")[0] == 0
+
+
+def test_a_changed_model_is_reported_apart_from_changed_numbers(board, capsys):
+    path = board / "entries" / "digits-mlp__none__linf-0.1.json"
+    entry = json.loads(path.read_text())
+    assert entry["model_digest"]  # the weights the numbers were measured on
+    entry["model_digest"] = "0" * 20
+    path.write_text(lb.dumps(entry))
+    code, out, _ = _run(capsys, "check", "--dir", board)
+    assert code == 1
+    assert "the model changed: 1 entry measured on other weights" in out and "the numbers changed" not in out
+    assert "digits-mlp__none__linf-0.1  model_digest  00000000000000000000" in out
+
+
+def test_the_gate_evaluates_shipped_weights_and_never_trains(tmp_path, monkeypatch, capsys):
+    """On a fresh machine with an empty cache the gate trains nothing (retrained weights differ
+    across CPUs): it loads the shipped checkpoints, whose digests the entries record."""
+    from advbench.models import zoo
+
+    monkeypatch.setenv("ADVBENCH_CACHE", str(tmp_path / "fresh-cache"))
+    monkeypatch.delenv(zoo.SHIPPED_ENV, raising=False)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the gate trained a model")
+
+    monkeypatch.setattr(zoo, "_train", fail)
+    board = Path(shutil.copytree(REAL, tmp_path / "board", ignore=shutil.ignore_patterns("suite-mnist.yaml")))
+    for p in board.glob("entries/mnist-cnn__*.json"):
+        p.unlink()
+    code, out, err = _run(capsys, "check", "--dir", board)
+    assert code == 0, out + err
+    digests = {json.loads(p.read_text())["model"]: json.loads(p.read_text())["model_digest"]
+               for p in board.glob("entries/*.json")}
+    from advbench.eval.resolve import module_digest
+    from advbench.registry import MODELS
+
+    assert digests == {name: module_digest(MODELS.create(name)) for name in ("digits-mlp", "digits-cnn")}
 
 
 def test_check_reports_missing_and_stale_entries(board, capsys):

@@ -459,3 +459,29 @@ def test_a_small_n_on_a_large_data_set_runs_only_its_examples(tmp_path, monkeypa
     evaluate(cfg, tmp_path / "run", progress=False)
     assert counting.ROWS and max(counting.ROWS) <= 8
     assert sum(counting.ROWS) < 500  # passes over 8 examples (attacks, audits, masking probe), not 6,000
+
+
+# ---------------------------------------------------------------------- 20. threads by job size
+def test_thread_count_follows_the_job_size_and_an_explicit_choice_wins(monkeypatch):
+    from advbench.eval import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    digits_cnn = threads.forward_flops(__import__("advbench").MODELS.create("digits-cnn"), torch.rand(1, 1, 8, 8))
+    assert 0.6e6 < digits_cnn < 0.8e6  # conv 16 and 32 channels on 8x8, two linear layers
+    assert threads.choose(digits_cnn, 500, 2) == 1  # tiny: one thread
+    assert threads.choose(2e9, 500, 2) == 2  # a real-size model keeps the process's threads
+    assert threads.choose(None, 500, 2) == 2  # unknown: leave it
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert threads.explicit_in_environment()
+
+
+def test_numbers_do_not_depend_on_the_thread_count(tmp_path):
+    over = dict(threats=[{"norm": "linf", "eps": [0.1]}], attacks=["fgsm", {"name": "pgd", "steps": 5}], models=["digits-cnn"])
+    tables = []
+    for n in (1, 2):
+        cfg = parse_config({**SMALL, **over})
+        res = evaluate(cfg, tmp_path / f"t{n}", progress=False, threads=n)
+        assert json.loads((res.out_dir / "run.json").read_text())["threads"]["requested"] == n
+        tables.append(res.table.drop(columns="seconds"))
+    pd.testing.assert_frame_equal(*tables)

@@ -24,8 +24,10 @@ DIGITS = ["digits-mlp", "digits-cnn"]
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
-    """A private, empty advbench cache for one test."""
+    """A private, empty advbench cache for one test, the shipped checkpoints turned off (the
+    training and cache machinery is what these tests exercise)."""
     monkeypatch.setenv("ADVBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv(zoo.SHIPPED_ENV, "0")
     return tmp_path / "cache"
 
 
@@ -33,23 +35,72 @@ def cache(tmp_path, monkeypatch) -> Path:
 def digits_cache(tmp_path_factory) -> Path:
     """One cache in which both digits models are trained once, shared by this module's tests."""
     path = tmp_path_factory.mktemp("zoo-cache")
-    old = os.environ.get("ADVBENCH_CACHE")
+    old = {k: os.environ.get(k) for k in ("ADVBENCH_CACHE", zoo.SHIPPED_ENV)}
     os.environ["ADVBENCH_CACHE"] = str(path)
+    os.environ[zoo.SHIPPED_ENV] = "0"
     try:
         for name in DIGITS:
             MODELS.create(name)
     finally:
-        if old is None:
-            del os.environ["ADVBENCH_CACHE"]
-        else:
-            os.environ["ADVBENCH_CACHE"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return path
 
 
 @pytest.fixture
 def use_digits_cache(digits_cache, monkeypatch) -> Path:
     monkeypatch.setenv("ADVBENCH_CACHE", str(digits_cache))
+    monkeypatch.setenv(zoo.SHIPPED_ENV, "0")
     return digits_cache
+
+
+# ---------------------------------------------------------------------------- shipped reference checkpoints
+SHIPPED = {"digits-mlp": None, "digits-cnn": None, "mnist-cnn": str(Path(__file__).resolve().parents[2] / "shared" / "data"),
+           "cifar10-cnn": None}
+
+
+@pytest.mark.parametrize("name", list(SHIPPED))
+def test_reference_checkpoints_are_shipped_and_used_without_training(name, tmp_path, monkeypatch):
+    """Every machine evaluates the same weights: the zoo loads the checkpoint in the package (with
+    its card) instead of training, and the card's accuracy is the loaded weights' own."""
+    monkeypatch.setenv("ADVBENCH_CACHE", str(tmp_path / "empty"))
+    monkeypatch.delenv(zoo.SHIPPED_ENV, raising=False)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a shipped model was trained")
+
+    monkeypatch.setattr(zoo, "_train", fail)
+    root = SHIPPED[name] if name != "cifar10-cnn" else None
+    path = zoo.shipped_path(name, root)
+    assert path is not None and path.parent == zoo.SHIPPED_DIR
+    assert path.stat().st_size < 1_000_000
+    model = MODELS.create(name, **({"root": root} if root else {}))
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert model.advbench_card == card and zoo.model_card(name, root) == card
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+    assert not (tmp_path / "empty").exists()  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("name", DIGITS)
+def test_shipped_digits_cards_measure_the_shipped_weights(name, digits_test, monkeypatch):
+    monkeypatch.delenv(zoo.SHIPPED_ENV, raising=False)
+    model = MODELS.create(name)
+    with torch.no_grad():
+        correct = int((model(digits_test.x).argmax(1) == digits_test.y).sum())
+    assert correct == model.advbench_card["eval_correct"]
+
+
+@pytest.mark.parametrize("name", DIGITS)
+def test_training_from_the_recipe_reaches_the_shipped_accuracy(name, cache):
+    """The tolerant check: retrained here (maybe another CPU than the one that made the shipped
+    weights, so not bit for bit), the recipe reaches the shipped card's clean accuracy within 2
+    points. The regression gate never depends on it."""
+    shipped, fresh = zoo.verify_recipe(name, tolerance=0.02)
+    assert abs(shipped - fresh) <= 0.02 and shipped >= 0.95
 
 
 # ---------------------------------------------------------------------------- architectures
@@ -251,6 +302,8 @@ def test_mnist_cnn_trains_on_test_train_split(cache):
         pytest.skip(f"MNIST test files not found under {MNIST_DIR}")
     model = MODELS.create("mnist-cnn", root=str(MNIST_DIR))
     card = zoo.model_card("mnist-cnn", root=str(MNIST_DIR))
+    shipped = json.loads(zoo.SHIPPED_DIR.joinpath(card["weights_file"]).with_suffix(".json").read_text())
+    assert abs(card["clean_accuracy"] - shipped["clean_accuracy"]) <= 0.01  # the recipe still reaches it
     assert (card["train_split"], card["eval_split"]) == ("test-train", "test-eval")
     assert (card["train_size"], card["eval_size"]) == (8000, 2000)
     assert "test-train" in card["data_note"]

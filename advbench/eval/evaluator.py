@@ -213,12 +213,15 @@ def evaluate(
     progress: bool | None = None,
     config_source: str | None = None,
     warn: bool | None = None,
+    threads: int | None = None,
 ) -> EvaluationResult:
     """Run (or resume) ``config``; write results.csv, results.json, matrix.csv, masking.json and
     run.json into ``out_dir``. Warnings (a model with more outputs than the data has classes, a
     results folder holding other results, ...) are printed to stderr, one ``warning:`` line each,
     when ``warn`` is true (default: unless ``progress`` is False), and gradient-masking flags
-    unless ``progress`` is False; both are kept in the result and run.json either way.
+    unless ``progress`` is False; both are kept in the result and run.json either way. ``threads``
+    fixes the CPU thread count of every job (default: one thread for small jobs, see
+    :mod:`advbench.eval.threads`); results do not depend on it.
 
     Everything that can be checked before an attack runs is checked first (the data, the models'
     outputs, the threat models' bounds, the output folder): bad input fails before ``out_dir`` or
@@ -233,7 +236,9 @@ def evaluate(
     data_spec = config.data.model_dump(mode="json")
     data = load_data(data_spec)
     indices = data.sample_indices(config.data.n, config.seed).numpy()
-    worker = Worker(device, amp=config.amp)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads must be a whole number >= 1, got {threads!r}")
+    worker = Worker(device, amp=config.amp, threads=threads)
     worker.preload_data(data_spec, data)
     notes = preflight(config, data, indices, worker)
     keep = save_adversarial or config.analysis is not None  # the matrices need the examples
@@ -294,6 +299,7 @@ def evaluate(
                  "probes": sum(j.probe for j in jobs)},
         "command": " ".join(sys.argv),
         "notes": notes,
+        "threads": {"requested": threads if threads is not None else "auto", "chosen": worker.thread_choices},
         "model_cards": _model_cards(config),
         "defended_models": _defended_models(worker, config),
     }

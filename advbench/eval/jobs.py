@@ -39,6 +39,7 @@ from advbench.attacks.base import Attack, AttackResult
 from advbench.audit import audit, predict, targetable
 from advbench.defenses.base import DefendedModel, adaptive, find_defended
 from advbench.errors import ConfigError, ModelOutputError
+from advbench.eval import threads
 from advbench.store import JobRecord
 from advbench.threat import Targeting, ThreatModel
 
@@ -181,10 +182,17 @@ class Worker:
         device: torch.device,
         robust_lookup: Callable[[tuple[str, ...]], dict[int, bool]] | None = None,
         amp: bool = False,
+        threads: int | None = None,
     ) -> None:
         self.device = device
         self.amp = amp and device.type == "cuda"
         self.robust_lookup = robust_lookup
+        #: CPU threads per job: an explicit count, or None to choose by the job's size
+        #: (:mod:`advbench.eval.threads`); the count each (model, defense, rows) got is kept
+        self.threads = threads
+        self.available_threads = torch.get_num_threads()
+        self.thread_choices: dict[str, int] = {}
+        self._flops: dict[str, float | None] = {}
         self._data: dict[str, Any] = {}
         self._base: dict[str, tuple[nn.Module, str]] = {}  # model spec -> (loaded model, content digest)
         self._models: dict[str, nn.Module] = {}
@@ -279,7 +287,30 @@ class Worker:
         return self._clean[key]
 
     # ------------------------------------------------------------------ running
+    def job_threads(self, job: Job, deployed: nn.Module, example: torch.Tensor) -> int | None:
+        """The CPU thread count ``job`` runs with (None: leave torch's setting alone)."""
+        if self.device.type != "cpu":
+            return None
+        if self.threads is not None:
+            return self.threads
+        if threads.explicit_in_environment():
+            return None
+        key = stable_hash([job.model, job.defense])
+        if key not in self._flops:
+            self._flops[key] = threads.forward_flops(deployed, example)
+        per_input = int(job.attack.get("adaptive", {}).get("eot_samples", 1)) if job.attack.get("adaptive") else 1
+        n = threads.choose(self._flops[key], len(job.indices) * per_input, self.available_threads)
+        self.thread_choices[f"{job.model['name']} / {job.defense['name']} / {len(job.indices)} examples"] = n
+        return n
+
     def run(self, job: Job) -> JobRecord:
+        """Run one job (with the thread count :meth:`job_threads` picks) into its record."""
+        data = self.data(job.data)
+        deployed = self.model(job.model, job.defense, job.base_seed)
+        with threads.using(self.job_threads(job, deployed, data.x[job.indices[0]:job.indices[0] + 1].to(self.device))):
+            return self._run(job)
+
+    def _run(self, job: Job) -> JobRecord:
         from advbench.registry import ATTACKS
 
         data = self.data(job.data)

@@ -16,13 +16,18 @@ Every factory has the signature ``(pretrained: bool = True, root: str | None = N
 returns the model in eval mode, taking inputs in [0, 1] (normalization is its first layer).
 ``root`` is the data root handed to the data set loader (MNIST and CIFAR-10 only).
 
-With ``pretrained=True`` the weights come from the cache, ``cache_dir()/models/<name>-<hash>.pt``
-(a state dict, read with ``torch.load(..., weights_only=True)``), next to its card
-``<name>-<hash>.json``. On a miss the model is trained on the CPU with one thread and a fixed
-seed (a rerun reproduces the weights bit for bit; one thread also keeps them independent of
-the machine's core count), evaluated, and both files are written atomically (temporary file +
-``os.replace``), the card last: a reader never sees half a file, and a card on disk means its
-weights are complete. A lock file (``<name>-<hash>.lock``, where the platform has ``fcntl``)
+With ``pretrained=True`` the weights are the **reference checkpoints shipped with the package**
+(``advbench/models/weights/<name>-<hash>.pt``, a state dict read with ``torch.load(...,
+weights_only=True)``, next to its card ``<name>-<hash>.json``), so every machine evaluates the
+same weights: training is deterministic on one machine, not across CPUs, and a benchmark or a
+regression gate that retrained its models would measure other models elsewhere. A recipe with no
+shipped checkpoint (MNIST with the full training set at hand, say), or any recipe with
+``ADVBENCH_ZOO_SHIPPED=0``, is looked up in the cache, ``cache_dir()/models/<name>-<hash>.pt``.
+On a miss the model is trained on the CPU with one thread and a fixed seed (a rerun reproduces
+the weights bit for bit on that machine), evaluated, and both files are written atomically
+(temporary file + ``os.replace``), the card last: a reader never sees half a file, and a card on
+disk means its weights are complete. :func:`verify_recipe` retrains a shipped model from its
+recipe and compares the clean accuracy it reaches with the shipped card's. A lock file (``<name>-<hash>.lock``, where the platform has ``fcntl``)
 keeps two processes from training the same model at once: the second waits and loads. The
 hash covers the architecture version and the whole training recipe, so changing either trains
 a fresh model instead of loading a stale one.
@@ -38,6 +43,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import time
 import warnings
 from collections import OrderedDict
@@ -351,11 +357,28 @@ def recipe_hash(name: str, recipe: Recipe) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+#: the reference checkpoints and cards shipped with the package
+SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
+SHIPPED_ENV = "ADVBENCH_ZOO_SHIPPED"
+
+
+def use_shipped() -> bool:
+    """Whether shipped checkpoints are used (``ADVBENCH_ZOO_SHIPPED=0`` turns them off)."""
+    return os.environ.get(SHIPPED_ENV, "1") not in ("0", "false", "no")
+
+
 def models_dir() -> Path:
-    """``cache_dir()/models``, where zoo weights and cards are kept."""
+    """``cache_dir()/models``, where zoo weights and cards trained here are kept."""
     from advbench.data.paths import cache_dir
 
     return cache_dir() / "models"
+
+
+def shipped_path(name: str, root: str | None = None) -> Path | None:
+    """The shipped checkpoint of ``name`` for the recipe ``root``'s data selects, if there is one."""
+    recipe, _ = select_recipe(name, root)
+    path = SHIPPED_DIR / f"{name}-{recipe_hash(name, recipe)}.pt"
+    return path if path.is_file() and path.with_suffix(".json").is_file() else None
 
 
 def weights_path(name: str, root: str | None = None) -> Path:
@@ -392,6 +415,22 @@ def model_card(name: str, root: str | None = None) -> dict[str, Any]:
     if cached is not None:
         return cached[1].to_dict()
     return _ensure(name, root)[1].to_dict()
+
+
+def verify_recipe(name: str, root: str | None = None, tolerance: float = 0.02) -> tuple[float, float]:
+    """Retrain ``name`` from its recipe (nothing is saved) and check it reaches the shipped card's
+    clean accuracy within ``tolerance`` (a fraction): the recipe still makes the model it claims,
+    though on another CPU not bit for bit. Returns (shipped, retrained) accuracy; a DataError
+    when they differ by more, or when no checkpoint is shipped for this recipe."""
+    shipped = shipped_path(name, root)
+    if shipped is None:
+        raise DataError(f"no shipped checkpoint of {name!r} for this recipe to compare with")
+    card = ModelCard.from_dict(json.loads(shipped.with_suffix(".json").read_text()))
+    _, fresh = train_zoo_model(name, root, save=False)
+    if abs(fresh.clean_accuracy - card.clean_accuracy) > tolerance:
+        raise DataError(f"{name} retrained from its recipe reaches {fresh.clean_accuracy:.4f} clean accuracy, the "
+                        f"shipped card {card.clean_accuracy:.4f}: more than {tolerance} apart")
+    return card.clean_accuracy, fresh.clean_accuracy
 
 
 def train_zoo_model(name: str, root: str | None = None, *, save: bool = True) -> tuple[nn.Module, ModelCard]:
@@ -432,9 +471,19 @@ def _ensure(name: str, root: str | None) -> tuple[nn.Module, ModelCard]:
 
 
 def _read_cached(name: str, root: str | None, *, load_weights: bool) -> tuple[nn.Module | None, ModelCard] | None:
-    """The cached (model, card), or None on a miss; an unreadable cache entry is warned about and ignored."""
+    """The (model, card) shipped or cached, or None on a miss; an unreadable entry is warned about
+    and ignored."""
     recipe, _ = select_recipe(name, root)
-    pt = models_dir() / f"{name}-{recipe_hash(name, recipe)}.pt"
+    stem = f"{name}-{recipe_hash(name, recipe)}"
+    folders = ([SHIPPED_DIR] if use_shipped() else []) + [models_dir()]
+    for folder in folders:
+        found = _read_entry(name, recipe, folder / f"{stem}.pt", load_weights=load_weights)
+        if found is not None:
+            return found
+    return None
+
+
+def _read_entry(name: str, recipe: Recipe, pt: Path, *, load_weights: bool) -> tuple[nn.Module | None, ModelCard] | None:
     js = pt.with_suffix(".json")
     if not js.is_file() or not pt.is_file():
         return None
@@ -647,6 +696,7 @@ __all__ = [
     "recipe_hash",
     "select_recipe",
     "train_zoo_model",
+    "verify_recipe",
     "weights_path",
     "zoo_names",
 ]
