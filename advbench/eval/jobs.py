@@ -40,6 +40,7 @@ from advbench.audit import audit, predict, targetable
 from advbench.defenses.base import DefendedModel, adaptive, find_defended
 from advbench.errors import ConfigError, ModelOutputError
 from advbench.eval import threads
+from advbench.models.zoo import num_threads
 from advbench.store import JobRecord
 from advbench.threat import Targeting, ThreatModel
 
@@ -307,7 +308,7 @@ class Worker:
         """Run one job (with the thread count :meth:`job_threads` picks) into its record."""
         data = self.data(job.data)
         deployed = self.model(job.model, job.defense, job.base_seed)
-        with threads.using(self.job_threads(job, deployed, data.x[job.indices[0]:job.indices[0] + 1].to(self.device))):
+        with num_threads(self.job_threads(job, deployed, data.x[job.indices[0]:job.indices[0] + 1].to(self.device))):
             return self._run(job)
 
     def _run(self, job: Job) -> JobRecord:

@@ -16,9 +16,7 @@ setting alone). Only CPU jobs are affected.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -68,17 +66,3 @@ def choose(flops_per_example: float | None, rows: int, available: int) -> int:
     if flops_per_example is None:
         return available
     return 1 if flops_per_example * rows < SMALL_FLOPS else available
-
-
-@contextlib.contextmanager
-def using(n: int | None) -> Iterator[None]:
-    """torch's intra-op thread count set to ``n`` for the block (None: unchanged), then restored."""
-    if n is None or n == torch.get_num_threads():
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -532,7 +532,9 @@ def _load_split(recipe: Recipe, split: str, root: str | None) -> ImageData:
 
 @contextlib.contextmanager
 def num_threads(n: int | None) -> Iterator[None]:
-    if n is None:
+    """torch's intra-op thread count set to ``n`` for the block (None or the current count:
+    unchanged), then restored."""
+    if n is None or n == torch.get_num_threads():
         yield
         return
     before = torch.get_num_threads()
