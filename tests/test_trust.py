@@ -18,7 +18,7 @@ from advbench.attacks.base import Attack
 from advbench.config import parse_config
 from advbench.eval.evaluator import evaluate
 from advbench.registry import ATTACKS
-from advbench.threat import Knowledge, Norm, Targeting
+from advbench.threat import Norm
 
 SMALL = {"seed": 0, "device": "cpu", "data": {"name": "digits", "n": 90}, "models": ["digits-mlp"], "batch_size": 45,
          "masking_checks": False}
@@ -191,7 +191,7 @@ def test_a_replaced_data_file_is_evaluated_afresh(tmp_path):
     x = (d.x[:60].permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     np.savez(path, x=x, y=d.y[:60].numpy())
     over = dict(data={"path": str(path)}, threats=[{"norm": "linf", "eps": [0.1]}], attacks=["fgsm"], batch_size=30)
-    first = _run(tmp_path, **over)
+    assert _run(tmp_path, **over).jobs_run == 2
     x[40:] = 255 - x[40:]  # the second shard's images change
     np.savez(path, x=x, y=d.y[:60].numpy())
     second = _run(tmp_path, **over)
@@ -207,7 +207,7 @@ def test_retraining_a_trained_model_never_mixes_old_and_new_jobs(tmp_path, monke
            "eval": {"split": "test", "eps": 0.1, "steps": 2, "n": 30}, "recipe": "plain", "epochs": 1, "seed": 0}
     over = dict(models=[{"name": "mine", "trained": "mine"}], threats=[{"norm": "linf", "eps": [0.1]}], attacks=["fgsm"])
     train(parse_train_config(raw), progress=False)
-    first = _run(tmp_path, **over)
+    assert (_run(tmp_path, **over).table.n == 90).all()
     train(parse_train_config({**raw, "seed": 1}), progress=False)  # retrained into the same folder
     second = _run(tmp_path, **over)
     assert second.jobs_skipped == 0 and (second.table.n == 90).all()  # n does not double

@@ -23,7 +23,6 @@ model's generator restarts from the job's seed, so no result depends on which jo
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -36,7 +35,7 @@ import torch
 from torch import nn
 
 from advbench.attacks.base import Attack, AttackResult
-from advbench.audit import audit, predict, targetable
+from advbench.audit import audit, targetable
 from advbench.defenses.base import DefendedModel, adaptive, find_defended
 from advbench.errors import ConfigError, ModelOutputError
 from advbench.eval import threads

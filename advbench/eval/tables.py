@@ -96,7 +96,6 @@ def _row(ex: pd.DataFrame, jobs: pd.DataFrame, clean: np.ndarray, success: np.nd
         clean_score, robust_score = clean.mean(axis=1).sum(), (clean & ~broken).mean(axis=1).sum()
         asr_num, asr_den = hit.sum(), (clean & ~left_out[:, None]).sum()
     correct = clean.any(axis=1)
-    n_correct = int(correct.sum())
     found_rate = float("nan")
     if "min_distance" in ex and ex.min_distance.notna().any():  # a minimal-perturbation attack
         searched = ex.min_distance[correct & ex.attacked.to_numpy(dtype=bool)].dropna()
