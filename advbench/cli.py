@@ -19,6 +19,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from advbench import __version__
+from advbench import leaderboard as lb
+from advbench.blindspots.analysis import run_blindspots
+from advbench.blindspots.config import DEFAULT_BLINDSPOTS_YAML, load_blindspot_config, parse_blindspot_config
+from advbench.blindspots.report import markdown
+from advbench.config import DEFAULT_CONFIG_YAML, load_config, parse_config
+from advbench.errors import AdvbenchError, ConfigError
+from advbench.eval.evaluator import evaluate
+from advbench.eval.tables import format_matrix
+from advbench.registry import REGISTRIES
+from advbench.report import build_report
+from advbench.report.matrices import render_matrices
+from advbench.training import load_train_config, train
+from advbench.training.card import summary
+
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
@@ -26,7 +41,6 @@ EXIT_INTERRUPTED = 130
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as one ``error:`` line with exit code 2."""
-
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_BAD_INPUT, f"error: {message} (see '{self.prog} --help')\n")
 
@@ -83,15 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from advbench.config import load_config
-    from advbench.eval.evaluator import evaluate
-    from advbench.eval.tables import format_matrix
-
     config = load_config(args.config)
     overrides = {k: v for k, v in (("device", args.device), ("seed", args.seed)) if v is not None}
     if overrides:
-        from advbench.config import parse_config
-
         config = parse_config({**config.canonical(), **overrides})
     out = Path(args.out) if args.out else Path("advbench-runs") / config.hash()
     result = evaluate(
@@ -103,6 +111,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         warn=True,
         threads=args.threads,
     )
+    if config.analysis is not None:  # the matrices' records rendered beside them
+        render_matrices(out)
     if not args.quiet:
         print(format_matrix(result.matrix))
         print(
@@ -113,9 +123,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    import advbench  # noqa: F401  (registers the built-ins)
-    from advbench.registry import REGISTRIES
-
     reg = REGISTRIES[args.kind]
     entries = reg.entries(args.pattern)
     width = max((len(e.name) for e in entries), default=0)
@@ -130,20 +137,14 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from advbench.config import DEFAULT_CONFIG_YAML
-
     print(DEFAULT_CONFIG_YAML, end="")
     return 0
 
 
 def cmd_blindspots(args: argparse.Namespace) -> int:
-    from advbench.blindspots.config import DEFAULT_BLINDSPOTS_YAML, load_blindspot_config, parse_blindspot_config
-
     if args.print_config:
         print(DEFAULT_BLINDSPOTS_YAML, end="")
         return 0
-    from advbench.blindspots.analysis import run_blindspots
-    from advbench.blindspots.report import markdown
 
     config = load_blindspot_config(args.config)
     overrides = {k: v for k, v in (("device", args.device), ("seed", args.seed)) if v is not None}
@@ -159,9 +160,6 @@ def cmd_blindspots(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from advbench.training import load_train_config, train
-    from advbench.training.card import summary
-
     overrides = {k: v for k, v in (("name", args.out), ("device", args.device)) if v is not None}
     config = load_train_config(args.config, overrides)
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
@@ -173,9 +171,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from advbench import leaderboard as lb
-    from advbench.errors import ConfigError
-
     if args.tolerance is not None and args.action != "check":
         raise ConfigError("--tolerance applies to 'leaderboard check' only")
     tolerance = lb.DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
@@ -211,9 +206,6 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from advbench.eval.tables import format_matrix
-    from advbench.report import build_report
-
     report = build_report(args.run_dir, args.out)
     print(format_matrix(report.matrix))
     if len(report.missing):
@@ -226,8 +218,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from advbench import __version__
-
         print(__version__)
         return 0
     if args.command is None:
@@ -237,7 +227,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "evaluate": cmd_evaluate, "list": cmd_list, "config": cmd_config, "blindspots": cmd_blindspots, "train": cmd_train,
         "leaderboard": cmd_leaderboard, "report": cmd_report,
     }
-    from advbench.errors import AdvbenchError
 
     try:
         return handlers[args.command](args)

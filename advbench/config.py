@@ -11,16 +11,28 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
-from fractions import Fraction
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from advbench.analysis.transformations import make_transformation
 from advbench.errors import AdvbenchError, ConfigError
 from advbench.files import check_name
+from advbench.loading import build_defense
+from advbench.registry import ATTACKS, DATASETS, MODELS
+from advbench.specs import (
+    DataSpec,
+    DefenseSpec,
+    ModelSpec,
+    _Strict,
+    check_device,
+    parse_number,
+    read_yaml_file,
+    seed_field,
+    validated,
+)
 from advbench.threat import Knowledge, Norm, ThreatModel
 
 DEFAULT_CONFIG_YAML = """\
@@ -38,155 +50,6 @@ attacks:
   - illc
   - {name: pgd, steps: 20, restarts: 2}
 """
-
-_FRACTION = re.compile(r"^\s*[0-9]*\.?[0-9]+\s*/\s*[0-9]*\.?[0-9]+\s*$")
-
-
-def parse_number(value: Any, what: str) -> float:
-    """A float from a number or a fraction string such as ``"8/255"``."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{what} must be a number, got {value!r}")
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        s = value.strip()
-        if _FRACTION.match(s):
-            num, den = (Fraction(p.strip()) for p in s.split("/"))
-            if den == 0:
-                raise ConfigError(f"{what} divides by zero: {value!r}")
-            return float(num / den)
-        try:
-            return float(s)
-        except ValueError:
-            pass
-    raise ConfigError(f"{what} must be a number or a fraction like '8/255', got {value!r}")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-
-#: the largest seed a config takes: every generator and derived seed accepts it on every platform
-MAX_SEED = 2**32 - 1
-
-
-def seed_field() -> Any:
-    """A config's ``seed``: a whole number from 0 to :data:`MAX_SEED`."""
-    return Field(default=0, ge=0, le=MAX_SEED)
-
-
-class DataSpec(_Strict):
-    """Which examples to evaluate: a registered data set (``name``) or an ``.npz`` file (``path``)."""
-
-    name: str | None = None
-    path: str | None = None
-    split: str = "test"
-    n: int | None = Field(default=None, ge=1)
-    root: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> DataSpec:
-        if (self.name is None) == (self.path is None):
-            raise ValueError("give exactly one of 'name' (a registered data set) or 'path' (an .npz file)")
-        return self
-
-
-MODEL_SOURCES = ("file", "import", "torchvision", "timm", "robustbench", "trained")
-
-
-class ModelSpec(_Strict):
-    """A model to evaluate. ``name`` labels it in the results; without a source key it is a registered model."""
-
-    name: str
-    file: str | None = None
-    import_: str | None = Field(default=None, alias="import")
-    torchvision: str | None = None
-    timm: str | None = None
-    robustbench: str | None = None
-    trained: str | None = None  # a model `advbench train` wrote: <ADVBENCH_CACHE>/trained/<trained>/
-    weights: str | None = None
-    num_classes: int | None = Field(default=None, ge=2)
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    dataset: str | None = None
-    threat_model: str | None = None
-    model_dir: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_string(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, value: str) -> str:  # it names files (leaderboard entries, saved examples)
-        return check_name(value, "model name")
-
-    @field_validator("trained")
-    @classmethod
-    def _safe_trained(cls, value: str | None) -> str | None:  # a folder under the trained store
-        return None if value is None else check_name(value, "trained model name")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> ModelSpec:
-        given = [k for k in MODEL_SOURCES if getattr(self, "import_" if k == "import" else k) is not None]
-        if len(given) > 1:
-            raise ValueError(f"model {self.name!r} names several sources {given}; give one of {list(MODEL_SOURCES)}")
-        return self
-
-    @property
-    def source(self) -> str:
-        for k in MODEL_SOURCES:
-            if getattr(self, "import_" if k == "import" else k) is not None:
-                return k
-        return "registry"
-
-
-class DefenseSpec(_Strict):
-    """A registered defense (``jpeg``, ``{name: jpeg, quality: 50}``), or a chain of them given as
-    a YAML list (``[jpeg, {name: randomization, ...}]``): the stages apply in order to the raw
-    input, then the model; the chain is named by its stage names joined with ``+``."""
-
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
-    stages: tuple[DefenseSpec, ...] = ()  # a chain's stages (empty for a single defense)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_string(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return {"name": value}
-        if isinstance(value, (list, tuple)):
-            if not value:
-                raise ValueError("a defense chain (a list) needs at least one stage")
-            if any(isinstance(s, (list, tuple)) for s in value):
-                raise ValueError("defense chains do not nest: list each stage as a name or a {name: ...} mapping")
-            names = [s if isinstance(s, str) else str(s.get("name", "?")) if isinstance(s, dict) else "?" for s in value]
-            return {"name": "+".join(names), "stages": list(value)}
-        if isinstance(value, dict) and "name" in value and "params" not in value:
-            meta = ("name", "stages")
-            return {**{k: value[k] for k in meta if k in value},
-                    "params": {k: v for k, v in value.items() if k not in meta}}
-        return value
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, value: str) -> str:
-        return check_name(value, "defense name")
-
-    @model_validator(mode="after")
-    def _chain(self) -> DefenseSpec:
-        if self.stages and self.params:
-            raise ValueError(f"defense chain {self.name!r} takes no params of its own; give them to its stages")
-        for s in self.stages:
-            if s.stages:
-                raise ValueError("defense chains do not nest: list each stage as a name or a {name: ...} mapping")
-            if s.name == "none":
-                raise ValueError(f"defense chain {self.name!r}: 'none' cannot be a stage")
-        return self
-
 
 class ThreatSpec(_Strict):
     """A threat model with one or more eps budgets; it expands to one ThreatModel per eps."""
@@ -285,9 +148,7 @@ class BenchmarkConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if value not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", value):
-            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {value!r}")
-        return value
+        return check_device(value)
 
     @model_validator(mode="after")
     def _unique_labels(self) -> BenchmarkConfig:
@@ -343,47 +204,6 @@ class BenchmarkConfig(_Strict):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _format_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:3]:
-        loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after", "function-before"))
-        msg = err["msg"].removeprefix("Value error, ")
-        got = err.get("input")
-        where = f"{loc}: " if loc else ""
-        extra = f" (got {got!r})" if err["type"] in ("extra_forbidden",) else ""
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        parts.append(f"{where}{msg}{extra}")
-    more = f" (+{len(exc.errors()) - 3} more)" if len(exc.errors()) > 3 else ""
-    return "invalid config: " + "; ".join(parts) + more
-
-
-_M = TypeVar("_M", bound=BaseModel)
-
-
-def validated(model: type[_M], raw: Any, what: str) -> _M:
-    """``raw`` (a parsed YAML mapping) validated into ``model`` (ConfigError, one line, on bad input)."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{what} must be a mapping of fields, got {type(raw).__name__}")
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc)) from None
-
-
-def read_yaml_file(path: str | Path) -> Any:
-    """The parsed contents of a YAML file (ConfigError naming the file, and the line of a syntax error)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        return yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{p}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-
-
 def parse_config(raw: Any) -> BenchmarkConfig:
     """Validate a parsed YAML/JSON mapping into a BenchmarkConfig (ConfigError on bad input)."""
     config = validated(BenchmarkConfig, raw, "a config")
@@ -399,8 +219,6 @@ def load_config(path: str | Path | None = None) -> BenchmarkConfig:
 def validate_names(config: BenchmarkConfig) -> None:
     """Resolve every registry name (building each defense and chain stage) and check each attack
     against each threat it will meet."""
-    from advbench.registry import ATTACKS, DATASETS, MODELS
-
     if config.data.name is not None:
         DATASETS.get(config.data.name)
     for m in config.models:
@@ -408,10 +226,8 @@ def validate_names(config: BenchmarkConfig) -> None:
             MODELS.get(m.name)
     for d in config.defenses:
         if d.name != "none":
-            check_defense(d)
+            build_defense(d)
     if config.analysis is not None:
-        from advbench.analysis.transformations import make_transformation
-
         for t in config.analysis.destruction:
             try:
                 make_transformation(t)
@@ -438,25 +254,6 @@ def validate_names(config: BenchmarkConfig) -> None:
                 field = "norms" if "norm" in reason else "knowledge" if "knowledge" in reason else None
                 hint = f" (list the {field} it should run under with '{field}: [...]' in its entry)" if field else ""
                 raise ConfigError(f"{reason} (threat {tm.describe()}){hint}")
-
-
-def check_defense(spec: DefenseSpec) -> list[Any]:
-    """The built stages of a defense entry (one for a single defense), in order.
-
-    A ConfigError (one line) for an unknown name, a bad parameter, or a chain stage that is not
-    an input transformation (only those compose into one defended model)."""
-    from advbench.defenses.base import InputTransform
-    from advbench.registry import DEFENSES
-
-    built = [DEFENSES.create(s.name, **s.params) for s in (spec.stages or (spec,))]
-    if spec.stages:
-        for s, b in zip(spec.stages, built):
-            if not isinstance(b, InputTransform):
-                raise ConfigError(
-                    f"defense chain {spec.name!r}: stage {s.name!r} is not an input transformation "
-                    f"(only InputTransform defenses chain); give it as a defense entry of its own"
-                )
-    return built
 
 
 def attack_threats(config: BenchmarkConfig, spec: AttackSpec) -> list[ThreatModel]:

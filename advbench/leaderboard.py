@@ -18,7 +18,7 @@ Entry schema, version 2 (numbers are JSON numbers, accuracies are fractions in [
     worst_attack     the attack with the lowest robust accuracy on its own
     attacks          {attack label: robust accuracy}
     seed, config_hash, config   the suite config (canonical form, embedded) and its hash
-    versions         package versions (advbench.eval.provenance.versions)
+    versions         package versions (advbench.provenance.versions)
     date             when the numbers were measured (ISO 8601)
     architecture     from the model card, or null
     masking_findings number of gradient-masking flags raised for this model and defense
@@ -42,7 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from advbench.config import load_config
 from advbench.errors import ConfigError
+from advbench.eval.evaluator import evaluate
+from advbench.eval.tables import WORST_CASE, is_worst_case
+from advbench.files import atomic_write_text
+from advbench.provenance import timestamp
+from advbench.provenance import versions as package_versions
 
 SCHEMA_VERSION = 2
 # Absolute tolerance on accuracies (fractions). The suites evaluate the shipped reference
@@ -51,7 +57,7 @@ SCHEMA_VERSION = 2
 # versions, which can flip a few borderline examples (1 point = 3.6 of the 360 test digits). A
 # broken attack moves robust accuracy far more.
 DEFAULT_TOLERANCE = 0.01
-WORST = "worst-case"
+WORST = WORST_CASE
 REQUIRED = ("schema_version", "model", "defense", "threat", "n", "clean_accuracy", "robust_accuracy",
             "attacks", "config_hash", "config", "seed", "versions", "date", "model_digest")
 MODEL = "model_digest"
@@ -78,9 +84,6 @@ def entries_from_table(table: Any, config: Any, masking: dict[str, Any] | None =
     """Leaderboard entries from an evaluation's results table (one per model, defense and threat
     model; the worst case over every attacker that ran there, whatever its knowledge, ranks).
     ``digests`` maps each model to the digest of the weights the table was measured on."""
-    from advbench.eval.provenance import timestamp
-    from advbench.eval.provenance import versions as package_versions
-    from advbench.eval.tables import is_worst_case
 
     findings = (masking or {}).get("findings", [])
     keys = ["model", "defense", "norm", "eps", "targeting"]
@@ -158,7 +161,6 @@ def load_entries(folder: str | Path) -> dict[str, dict[str, Any]]:
 
 def write_entries(folder: str | Path, entries: list[dict[str, Any]]) -> list[Path]:
     """Replace ``<folder>/entries`` with ``entries``."""
-    from advbench.files import atomic_write_text
 
     entries_dir = Path(folder) / "entries"
     entries_dir.mkdir(parents=True, exist_ok=True)
@@ -263,7 +265,6 @@ def render_html(entries: dict[str, dict[str, Any]]) -> str:
 
 def build(folder: str | Path) -> list[Path]:
     """Render ``README.md`` and ``index.html`` in ``folder`` from its entries."""
-    from advbench.files import atomic_write_text
 
     entries = load_entries(folder)
     md, page = Path(folder) / "README.md", Path(folder) / "index.html"
@@ -284,9 +285,6 @@ def suite_files(folder: str | Path) -> list[Path]:
 
 def run_suite(folder: str | Path) -> tuple[list[dict[str, Any]], float]:
     """Evaluate every suite config of ``folder`` from scratch (in temporary folders); the entries and seconds."""
-    from advbench.config import load_config
-    from advbench.eval.evaluator import evaluate
-
     entries: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for suite in suite_files(folder):

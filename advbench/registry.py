@@ -137,9 +137,9 @@ class Registry(Generic[T]):
     def _ensure_plugins(self) -> None:
         if self._plugins_loaded:
             return
+        # the built-ins are registered already: importing any advbench module runs the package's
+        # __init__, which imports them, before a registry can be looked up
         self._plugins_loaded = True
-        import advbench  # noqa: F401  (importing the package registers the built-ins first)
-
         if autoload_disabled():
             return
         self.load_plugins()

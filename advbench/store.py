@@ -47,6 +47,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     quantization_failures INTEGER NOT NULL,
     seed INTEGER NOT NULL,
     finished REAL NOT NULL,
+    attack_name TEXT,
+    attack_kind TEXT,
+    view TEXT,
+    minimal INTEGER,
+    probe INTEGER,
     PRIMARY KEY (config_hash, job_key)
 );
 CREATE TABLE IF NOT EXISTS examples (
@@ -80,6 +85,12 @@ CREATE TABLE IF NOT EXISTS plans (
 """
 
 
+#: what a job's row is, beside its label: the attack's registry name and kind (single_step,
+#: iterative, minimal, score_based, decision_based, transfer, other), the view it attacked
+#: (naive or adaptive), whether it is a minimal-perturbation attack and whether a masking probe
+IDENTITY_COLUMNS = {"attack_name": "TEXT", "attack_kind": "TEXT", "view": "TEXT", "minimal": "INTEGER",
+                    "probe": "INTEGER"}
+
 #: a randomized deployed model is scored over several draws of its randomness: per example, the
 #: clean and the adversarial prediction in each draw, comma-separated (NULL for deterministic models)
 DRAW_COLUMNS = ("pred_clean_draws", "pred_adv_draws")
@@ -105,6 +116,11 @@ class JobRecord:
     seed: int
     examples: list[dict[str, Any]]
     adversarial: dict[str, np.ndarray] | None = None
+    attack_name: str | None = None
+    attack_kind: str | None = None
+    view: str = "naive"
+    minimal: bool = False
+    probe: bool = False
 
 
 class ResultStore:
@@ -139,6 +155,10 @@ class ResultStore:
         for col in DRAW_COLUMNS:  # added with randomized defenses (scored over several draws)
             if col not in have:
                 self._conn.execute(f"ALTER TABLE examples ADD COLUMN {col} TEXT")
+        jobs = {row[1] for row in self._conn.execute("PRAGMA table_info(jobs)")}
+        for col, kind in IDENTITY_COLUMNS.items():  # added with attack identity in the store
+            if col not in jobs:
+                self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {col} {kind}")
 
     def close(self) -> None:
         self._conn.close()
@@ -202,12 +222,16 @@ class ResultStore:
                 cur.execute(f"DELETE FROM {table} WHERE config_hash = ? AND job_key = ?", (config_hash, rec.job_key))
             n_attacked = sum(int(e["attacked"]) for e in rec.examples)
             cur.execute(
-                "INSERT INTO jobs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO jobs(config_hash, job_key, model, defense, threat_json, attack, attack_params_json, shard, "
+                "n, n_attacked, seconds, n_forward, n_backward, n_queries, violations, quantization_failures, seed, "
+                "finished, attack_name, attack_kind, view, minimal, probe) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     config_hash, rec.job_key, rec.model, rec.defense, json.dumps(rec.threat, sort_keys=True),
                     rec.attack, json.dumps(rec.attack_params, sort_keys=True, default=str), rec.shard,
                     len(rec.examples), n_attacked, rec.seconds, rec.n_forward, rec.n_backward, rec.n_queries,
                     rec.violations, rec.quantization_failures, rec.seed, time.time(),
+                    rec.attack_name, rec.attack_kind, rec.view, int(rec.minimal), int(rec.probe),
                 ),
             )
             cur.executemany(
@@ -243,7 +267,7 @@ class ResultStore:
     def examples(self, config_hash: str, job_keys: Iterable[str] | None = None) -> pd.DataFrame:
         """Per-example records of ``config_hash`` with their job's cell (only ``job_keys`` when given)."""
         df = pd.read_sql_query(
-            "SELECT e.*, j.model, j.defense, j.threat_json, j.attack, j.shard FROM examples e "
+            "SELECT e.*, j.model, j.defense, j.threat_json, j.attack, j.shard, j.probe FROM examples e "
             "JOIN jobs j ON e.config_hash = j.config_hash AND e.job_key = j.job_key "
             "WHERE e.config_hash = ? ORDER BY j.model, j.defense, j.threat_json, j.attack, e.idx",
             self._conn,

@@ -74,7 +74,7 @@ class Run:
 
 def load(model_name: str, n: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The zoo model and its first ``n`` correctly classified evaluation images."""
-    from advbench.models.zoo import load_zoo_model
+    from advbench.zoo import load_zoo_model
     from advbench.registry import DATASETS
 
     model = load_zoo_model(model_name, root=DATA_ROOT).eval()

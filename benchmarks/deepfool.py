@@ -46,7 +46,7 @@ from _common import publish  # benchmarks/ is on sys.path when a script runs
 from advbench.attacks.lbfgs import attack_loss
 from advbench.data.digits import load_digits
 from advbench.data.mnist import load_mnist
-from advbench.models.zoo import load_zoo_model
+from advbench.zoo import load_zoo_model
 from advbench.registry import ATTACKS
 from advbench.threat import ThreatModel
 

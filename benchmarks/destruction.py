@@ -35,7 +35,7 @@ from _common import publish  # benchmarks/ is on sys.path when a script runs
 
 from advbench.report.markdown import table as pipe_table
 from advbench.analysis.destruction import destruction_records, pivot_destruction
-from advbench.models.zoo import load_zoo_model
+from advbench.zoo import load_zoo_model
 from advbench.registry import ATTACKS, DATASETS
 from advbench.threat import ThreatModel
 

@@ -88,7 +88,7 @@ def run(models: list[str], sources: int, grid: int, out_png: str | None) -> tupl
     from advbench.blindspots.analysis import run_blindspots
     from advbench.blindspots.config import parse_blindspot_config
     from advbench.blindspots.report import markdown
-    from advbench.eval.resolve import load_data, load_model
+    from advbench.loading import load_data, load_model
 
     rows: list[dict[str, Any]] = []
     tables: dict[str, str] = {}

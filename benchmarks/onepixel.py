@@ -43,7 +43,7 @@ from torch import nn
 
 from advbench.attacks.onepixel import OnePixel
 from advbench.data.digits import load_digits
-from advbench.models.zoo import load_zoo_model
+from advbench.zoo import load_zoo_model
 from advbench.threat import ThreatModel
 
 HERE = os.path.dirname(os.path.abspath(__file__))

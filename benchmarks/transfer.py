@@ -13,7 +13,7 @@ of the 2,000-image ``test-eval`` split; the hidden layers use ReLU; weight decay
 ``lambda / 2 * ||W||^2`` penalty on the weight matrices; the autoencoder model (AE400-10) is
 left out; the attack is advbench's batched ``lbfgs`` (minimal l2 perturbation, each example's
 smallest adversarial point), and the table's "error rate" is the share of the source's
-adversarial examples the target misclassifies (advbench.analysis.transfer).
+adversarial examples the target misclassifies (advbench.analysis.transfer_matrix).
 
     python benchmarks/transfer.py                 # 300 evaluation images (about 5 minutes)
     python benchmarks/transfer.py --quick --out - # smoke run: 60 images, 2 epochs, no file
@@ -36,7 +36,7 @@ from torch import nn
 
 from _common import publish  # benchmarks/ is on sys.path when a script runs
 
-from advbench.analysis.transfer import transfer_matrix
+from advbench.analysis.transfer_matrix import transfer_matrix
 from advbench.report.markdown import table as pipe_table
 from advbench.registry import ATTACKS, DATASETS
 from advbench.threat import ThreatModel

@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 
 from advbench.config import parse_config
-from advbench.eval.evaluator import evaluate, plan_jobs
+from advbench.eval.evaluator import evaluate
+from advbench.eval.plan import plan_jobs
 from advbench.eval.jobs import Job
 
 ROOT = Path(__file__).resolve().parents[1]

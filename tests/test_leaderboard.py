@@ -94,7 +94,7 @@ def test_a_changed_model_is_reported_apart_from_changed_numbers(board, capsys):
 def test_the_gate_evaluates_shipped_weights_and_never_trains(tmp_path, monkeypatch, capsys):
     """On a fresh machine with an empty cache the gate trains nothing (retrained weights differ
     across CPUs): it loads the shipped checkpoints, whose digests the entries record."""
-    from advbench.models import zoo
+    from advbench.zoo import reference as zoo
 
     monkeypatch.setenv("ADVBENCH_CACHE", str(tmp_path / "fresh-cache"))
     monkeypatch.delenv(zoo.SHIPPED_ENV, raising=False)
@@ -110,7 +110,7 @@ def test_the_gate_evaluates_shipped_weights_and_never_trains(tmp_path, monkeypat
     assert code == 0, out + err
     digests = {json.loads(p.read_text())["model"]: json.loads(p.read_text())["model_digest"]
                for p in board.glob("entries/*.json")}
-    from advbench.eval.resolve import module_digest
+    from advbench.loading import module_digest
     from advbench.registry import MODELS
 
     assert digests == {name: module_digest(MODELS.create(name)) for name in ("digits-mlp", "digits-cnn")}

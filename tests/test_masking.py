@@ -19,7 +19,6 @@ from advbench.eval.masking import (
     format_findings,
     gradient_findings,
     gradient_stats,
-    infer_info,
     is_probabilities,
     probe_eps,
     table_findings,
@@ -43,6 +42,19 @@ def _table(rows, n=100):
 
 def _codes(findings):
     return sorted(f.code for f in findings)
+
+
+KINDS = {"fgsm": "single_step", "bim": "iterative", "pgd": "iterative"}
+
+
+def _info(table):
+    """What the store would say of each label of these hand-built tables (registry name, kind and
+    view come from the store's job rows, not from the label, in a real run)."""
+    info = {}
+    for label in table.attack:
+        name = label.removeprefix("probe:").split("+")[0]
+        info[label] = AttackInfo(name, "adaptive" if "+" in label else "naive", KINDS.get(name, "other"))
+    return info
 
 
 # ---------------------------------------------------------------------- (a) eps trend and probe
@@ -73,10 +85,10 @@ def test_eps_trend_does_not_flag_a_normal_sweep(ras, eps):
 def test_large_eps_probe_flags_the_rows_of_its_view_only():
     t = _table([("pgd", 0.1, 0.9), ("pgd+bpda", 0.1, 0.3), ("worst-case", 0.1, 0.3)])
     probes = _table([("probe:pgd", 1.0, 0.85), ("probe:pgd+bpda", 1.0, 0.0)])
-    (f,) = check_large_eps(probes, t)
+    (f,) = check_large_eps(probes, t, {**_info(t), **_info(probes)})
     assert f.code == "large_eps" and f.where["attack"] == ["pgd"] and "85.0%" in f.seen
     assert flags_column(t, [f]).tolist() == ["large_eps", "", ""]
-    assert check_large_eps(_table([("probe:pgd", 1.0, 0.05)]), t) == []  # ~0%: fine
+    assert check_large_eps(_table([("probe:pgd", 1.0, 0.05)]), t, _info(t)) == []  # ~0%: fine
 
 
 def test_probe_eps_covers_the_input_range():
@@ -88,31 +100,32 @@ def test_probe_eps_covers_the_input_range():
 # ---------------------------------------------------------------------- (b) single step beats iterative
 def test_single_step_beating_an_iterative_attack_flags_the_iterative_one():
     t = _table([("fgsm", 0.1, 0.20), ("bim", 0.1, 0.50), ("pgd", 0.1, 0.21)])
-    (f,) = check_single_step(t)
+    (f,) = check_single_step(t, _info(t))
     assert f.code == "single_step" and f.where["attack"] == "bim" and "fgsm" in f.seen
 
 
 def test_single_step_is_compared_within_a_view_and_with_tolerance():
     # naive fgsm vs adaptive pgd is not the comparison; 2 examples of 100 are within the tolerance
     t = _table([("fgsm", 0.1, 0.20), ("pgd+bpda", 0.1, 0.50), ("fgsm+bpda", 0.1, 0.49), ("pgd", 0.1, 0.22)])
-    assert check_single_step(t) == []
-    assert check_single_step(_table([("fgsm", 0.1, 0.5), ("pgd", 0.1, 0.2)])) == []
+    assert check_single_step(t, _info(t)) == []
+    t2 = _table([("fgsm", 0.1, 0.5), ("pgd", 0.1, 0.2)])
+    assert check_single_step(t2, _info(t2)) == []
 
 
-def test_attack_kinds_come_from_the_registry_name_not_the_label():
+def test_attack_kinds_come_from_the_store_not_the_label():
     t = _table([("fast", 0.1, 0.2), ("strong", 0.1, 0.6)])
-    info = {"fast": AttackInfo("fgsm"), "strong": AttackInfo("pgd")}
+    info = {"fast": AttackInfo("fgsm", kind="single_step"), "strong": AttackInfo("pgd", kind="iterative")}
     assert _codes(check_single_step(t, info)) == ["single_step"]
-    assert check_single_step(t) == []  # unknown names: no kinds, no flag
-    assert infer_info("pgd(loss=margin)+bpda+eot") == AttackInfo("pgd", "adaptive")
-    assert infer_info("probe:pgd") == AttackInfo("pgd", "naive")
+    assert check_single_step(t) == []  # nothing known of the labels: no kinds, no flag
+    t = _table([("fgsm", 0.1, 0.2), ("pgd", 0.1, 0.6)])
+    assert check_single_step(t) == []  # a label that looks like a name is not read as one
 
 
 # ---------------------------------------------------------------------- (c) black box beats white box
 def test_black_box_beating_every_white_box_attack_is_flagged():
     t = _table([("fgsm", 0.1, 0.70), ("pgd", 0.1, 0.60), ("worst-case", 0.1, 0.6),
                 ("noise", 0.1, 0.30, "score_based")])
-    (f,) = check_black_box(t)
+    (f,) = check_black_box(t, _info(t))
     assert f.code == "black_box" and f.where["attack"] == ["fgsm", "pgd"] and "noise (score_based)" in f.seen
     assert flags_column(t, [f]).tolist() == ["black_box", "black_box", "", ""]
 
@@ -120,7 +133,7 @@ def test_black_box_beating_every_white_box_attack_is_flagged():
 def test_black_box_weaker_than_the_best_white_box_is_fine():
     t = _table([("fgsm", 0.1, 0.70), ("pgd", 0.1, 0.20), ("noise", 0.1, 0.30, "score_based"),
                 ("other", 0.2, 0.0, "transfer")])  # another eps: not compared
-    assert check_black_box(t) == []
+    assert check_black_box(t, _info(t)) == []
 
 
 # ---------------------------------------------------------------------- (d) gradients, (e) probabilities
@@ -213,7 +226,7 @@ def test_probabilities_instead_of_logits_are_flagged(batch):
 # ---------------------------------------------------------------------- reporting
 def test_flags_join_codes_in_a_fixed_order_and_print_one_line_each():
     t = _table([("fgsm", 0.1, 0.2), ("pgd", 0.1, 0.9), ("pgd", 0.3, 0.9)])
-    findings = [Finding("grad_zero", "zero", {"attack": ["pgd"]}), *table_findings(t)]
+    findings = [Finding("grad_zero", "zero", {"attack": ["pgd"]}), *table_findings(t, info=_info(t))]
     col = flags_column(t, findings)
     assert col.tolist() == ["", "single_step;grad_zero", "eps_flat;grad_zero"]  # no fgsm at eps 0.3
     text = format_findings(findings)

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from advbench.attacks.base import Attack
 from advbench.config import parse_config
 from advbench.errors import ConfigError
-from advbench.eval.evaluator import evaluate, plan_jobs
+from advbench.eval.evaluator import evaluate
+from advbench.eval.plan import plan_jobs
 from advbench.registry import ATTACKS
 from advbench.threat import Norm, ThreatModel
 
@@ -137,7 +138,7 @@ def test_evaluator_runs_a_minimal_attack_once_per_shard(tmp_path, toy):
     assert t.robust_accuracy.is_monotonic_decreasing
     # against a direct call on the same examples
     from advbench.data.digits import load_digits
-    from advbench.models.zoo import load_zoo_model
+    from advbench.zoo import load_zoo_model
 
     data, model = load_digits("test"), load_zoo_model("digits-cnn")
     idx = data.sample_indices(90, 0)

@@ -186,7 +186,7 @@ def test_import_path_loading(user_module):
     assert loaders.load_import_path(f"{user_module}:Net", classes=5)(X8).shape == (6, 5)
     assert isinstance(loaders.load_import_path(f"{user_module}:instance"), nn.Linear)
     assert isinstance(loaders.load_import_path(f"{user_module}:Holder.factory"), nn.Sequential)
-    zoo_model = loaders.load_import_path("advbench.models.zoo:build", name="digits-mlp")
+    zoo_model = loaders.load_import_path("advbench.zoo.reference:build", name="digits-mlp")
     assert zoo_model(X8).shape == (6, 10)
 
 

@@ -24,7 +24,7 @@ from advbench.training import (
     trained_dir,
 )
 from advbench.training.recipes import Phase, soft_labels
-from advbench.training.store import CHECKPOINT
+from advbench.models.trained import CHECKPOINT
 
 TINY = {
     "name": "tiny",
@@ -113,7 +113,7 @@ def test_a_checkpoint_of_another_config_is_not_resumed(cache):
 
 # ---------------------------------------------------------------------------- recipes
 def _model() -> nn.Module:
-    from advbench.training.architectures import build_classifier
+    from advbench.models.architectures import build_classifier
 
     return build_classifier("digits-cnn", seed=0).eval()
 
@@ -215,7 +215,7 @@ def test_the_distilled_student_is_deployed_at_T_1(cache, digits_batch):
 def test_the_thermometer_model_saves_and_loads_as_a_defended_model(cache, digits_batch):
     from advbench.defenses.base import DefendedModel, needs_adaptive
     from advbench.defenses.thermometer import Thermometer
-    from advbench.eval.resolve import load_model
+    from advbench.loading import load_model
 
     x, _ = digits_batch
     r = train(_config(recipe={"name": "thermometer", "levels": 4}), progress=False)
@@ -234,7 +234,7 @@ def test_the_thermometer_model_saves_and_loads_as_a_defended_model(cache, digits
 def test_adversarial_thermometer_training_attacks_through_bpda(digits_batch):
     from advbench.defenses.base import DefendedModel
     from advbench.defenses.thermometer import Thermometer
-    from advbench.training.architectures import build_classifier
+    from advbench.models.architectures import build_classifier
 
     x, y = digits_batch
     model = DefendedModel([Thermometer(levels=8)], build_classifier("digits-cnn", seed=0, in_channels=8)).eval()
@@ -297,7 +297,7 @@ def test_advbench_train_then_evaluate_by_name(cache, tmp_path, capsys):
         ({"eval": {"split": "test"}}, "eval.eps is needed"),
         ({"eval": {"split": "train", "eps": 0.1}}, "overlaps the training split"),
         ({"data": {"name": "digits"}}, "data.split must be given"),
-        ({"architecture": "digits-cnnn"}, "unknown zoo model 'digits-cnnn'"),
+        ({"architecture": "digits-cnnn"}, "unknown architecture 'digits-cnnn'"),
         ({"epochs": 0}, "epochs: Input should be greater than or equal to 1"),
         ({"name": "../escape"}, "name must be"),
         ({"lr": "fast"}, "lr: Input should be a valid number"),
@@ -329,7 +329,7 @@ def test_train_cli_usage_errors(tmp_path, capsys):
 
 def test_a_missing_trained_model_is_a_one_line_error(cache, tmp_path, capsys):
     from advbench.config import ModelSpec
-    from advbench.eval.resolve import load_model
+    from advbench.loading import load_model
 
     assert ModelSpec.model_validate({"name": "m", "trained": "nope"}).source == "trained"
     with pytest.raises(ValueError, match="several sources"):

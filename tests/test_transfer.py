@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from advbench.access import NoAccess, handle_for
-from advbench.analysis.transfer import (
+from advbench.analysis.transfer_matrix import (
     DISTORTION,
     amplify,
     gaussian_like,

@@ -334,7 +334,7 @@ def test_a_leaderboard_suite_name_cannot_write_outside_entries(tmp_path):
 
 def test_trained_names_stay_in_the_trained_store():
     from advbench.errors import ConfigError
-    from advbench.training.store import load_trained
+    from advbench.models.trained import load_trained
 
     with pytest.raises(ConfigError, match="cannot be used as a name"):
         load_trained("../x")

@@ -14,7 +14,7 @@ import torch
 
 from advbench.data.base import ImageData
 from advbench.errors import UnknownNameError
-from advbench.models import zoo
+from advbench.zoo import reference as zoo
 from advbench.models.layers import Normalize
 from advbench.registry import MODELS
 
@@ -274,7 +274,7 @@ def test_two_processes_share_one_training(tmp_path):
     """Two processes asking for the same model at once: one trains, the other waits and loads."""
     code = (
         "import dataclasses, sys\n"
-        "from advbench.models import zoo\n"
+        "from advbench.zoo import reference as zoo\n"
         "s = zoo.ZOO['digits-mlp']\n"
         "zoo.ZOO['digits-mlp'] = dataclasses.replace(s, recipe=dataclasses.replace(s.recipe, epochs=3))\n"
         "calls = []\n"

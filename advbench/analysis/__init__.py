@@ -1,3 +1,3 @@
 """Matrices computed from adversarial examples beyond robust accuracy (issue 5): transfer
-between models (:mod:`advbench.analysis.transfer`) and the destruction rate of image
+between models (:mod:`advbench.analysis.transfer_matrix`) and the destruction rate of image
 transformations (:mod:`advbench.analysis.destruction`)."""

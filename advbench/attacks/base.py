@@ -28,12 +28,10 @@ without rerunning the attack, so one run serves a whole eps sweep.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, final
 
@@ -43,6 +41,7 @@ from torch import nn
 from advbench.access import Handle, WhiteBoxModel, handle_for
 from advbench.audit import AuditReport, audit, goal_met
 from advbench.errors import ConfigError, ModelOutputError, QueryBudgetExceeded, UnsupportedThreatError
+from advbench.tensors import frozen, rows
 from advbench.threat import Knowledge, Norm, Targeting, ThreatModel
 
 
@@ -98,6 +97,10 @@ class Attack(ABC):
     knowledge: ClassVar[frozenset[Knowledge]] = frozenset({Knowledge.WHITE_BOX})
     #: searches for the smallest adversarial example, ignoring eps (see the module docstring)
     minimal: ClassVar[bool] = False
+    #: what kind of attack it is, for the gradient-masking checks (:mod:`advbench.eval.masking`):
+    #: ``single_step``, ``iterative`` (an iterative ascent of the same goal), ``minimal``,
+    #: ``score_based``, ``decision_based``, ``transfer`` or ``other``
+    kind: ClassVar[str] = "other"
 
     # ------------------------------------------------------------------ config
     def params(self) -> dict[str, Any]:
@@ -221,16 +224,16 @@ class Attack(ABC):
         ``quantize: 8bit``), so its distance is the distance of the image that is scored."""
         # where the clean input already meets the goal, it is the smallest example there is
         clean_hit = goal_met(result.pred_clean, y, result.target)
-        x_minimal = torch.where(_rows(clean_hit, x), x, x_minimal)
+        x_minimal = torch.where(rows(clean_hit, x), x, x_minimal)
         anywhere = dataclasses.replace(threat, norm=Norm.UNBOUNDED, eps=math.inf)
         with frozen(model):
             found_report = audit(model, x, x_minimal, y, anywhere, result.target)
             found = found_report.success
-            x_minimal = torch.where(_rows(found, x), found_report.x_scored, x)  # nothing found: x
+            x_minimal = torch.where(rows(found, x), found_report.x_scored, x)  # nothing found: x
             dist = _distances(x_minimal, x, threat)
             minimal_distances = torch.where(found, dist, torch.full_like(dist, math.inf))
             within = found & threat.contains(x_minimal, x)
-            x_adv = torch.where(_rows(within, x), x_minimal, x)
+            x_adv = torch.where(rows(within, x), x_minimal, x)
             report = audit(model, x, x_adv, y, threat, result.target)
         return dataclasses.replace(_audited(result, report, x, threat), x_minimal=x_minimal,
                                    minimal_distances=minimal_distances)
@@ -255,23 +258,6 @@ class GradientAttack(Attack):
 
 
 # ---------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no parameter gradients for the duration; the previous state is restored."""
-    modes = [(m, m.training) for m in model.modules()]  # per module: a wrapper may mix modes
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m, mode in modes:
-            m.training = mode
-
-
 def _validate_inputs(x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise ConfigError(f"inputs must be a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
@@ -302,10 +288,6 @@ def _checked_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return mask.view(-1, *([1] * (like.dim() - 1)))
-
-
 def _audited(result: AttackResult, report: AuditReport, x: torch.Tensor, threat: ThreatModel) -> AttackResult:
     """``result`` with the audit's verdicts, and the image that counts as its ``x_adv``."""
     return dataclasses.replace(
@@ -323,18 +305,6 @@ def _distances(x_adv: torch.Tensor, x: torch.Tensor, threat: ThreatModel) -> tor
     d = threat.distance(torch.nan_to_num(x_adv), x)
     finite = x_adv.reshape(x_adv.shape[0], -1).isfinite().all(dim=1)
     return torch.where(finite, d, torch.full_like(d, float("nan")))
-
-
-def rand_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Uniform [0, 1) noise shaped like ``x``, drawn from ``generator`` on its own device."""
-    dev = generator.device if generator is not None else x.device
-    return torch.rand(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
-
-
-def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal noise shaped like ``x``, drawn from ``generator`` on its own device."""
-    dev = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
 
 
 def white_box(model: Handle) -> WhiteBoxModel:

@@ -54,6 +54,7 @@ class BIM(GradientAttack):
     norms: ClassVar[frozenset[Norm]] = frozenset({Norm.LINF})
     targeting: ClassVar[frozenset[Targeting]] = frozenset(Targeting)
     randomized: ClassVar[bool] = False  # the generator only matters through random targets
+    kind: ClassVar[str] = "iterative"
 
     def __init__(self, *, steps: int | None = None, step_size: float | None = None) -> None:
         super().__init__()
@@ -97,6 +98,7 @@ class ILLC(BIM):
     """
 
     targeting: ClassVar[frozenset[Targeting]] = frozenset({Targeting.UNTARGETED, Targeting.LEAST_LIKELY})
+    kind: ClassVar[str] = "other"  # it ascends another goal than misclassification: not compared with FGSM
 
     def _objective(self, y: torch.Tensor, target: torch.Tensor | None) -> Objective:
         # Untargeted: y_LL is read off the first forward pass, which is at X_0 = X.

@@ -410,6 +410,7 @@ class CarliniWagner(GradientAttack):
     targeting: ClassVar[frozenset[Targeting]] = frozenset(Targeting)
     randomized: ClassVar[bool] = False
     minimal: ClassVar[bool] = True
+    kind: ClassVar[str] = "minimal"
 
     def __init__(
         self,

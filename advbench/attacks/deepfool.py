@@ -84,6 +84,7 @@ class DeepFool(GradientAttack):
     norms: ClassVar[frozenset[Norm]] = frozenset({Norm.L2, Norm.LINF})
     targeting: ClassVar[frozenset[Targeting]] = frozenset({Targeting.UNTARGETED})
     minimal: ClassVar[bool] = True
+    kind: ClassVar[str] = "minimal"
     randomized: ClassVar[bool] = False
 
     def __init__(self, *, steps: int = 50, candidates: int = 10, overshoot: float = 0.02) -> None:

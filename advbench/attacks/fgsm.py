@@ -26,6 +26,7 @@ class FGSM(GradientAttack):
     norms: ClassVar[frozenset[Norm]] = frozenset({Norm.LINF, Norm.L2})
     targeting: ClassVar[frozenset[Targeting]] = frozenset(Targeting)
     randomized: ClassVar[bool] = False  # the generator only matters through random targets
+    kind: ClassVar[str] = "single_step"
 
     def __init__(self) -> None:
         super().__init__()

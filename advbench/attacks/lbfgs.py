@@ -214,6 +214,7 @@ class LBFGS(GradientAttack):
     norms: ClassVar[frozenset[Norm]] = frozenset({Norm.L2})
     targeting: ClassVar[frozenset[Targeting]] = frozenset(Targeting)
     minimal: ClassVar[bool] = True
+    kind: ClassVar[str] = "minimal"
     randomized: ClassVar[bool] = False
 
     def __init__(

@@ -16,7 +16,8 @@ from typing import ClassVar
 import torch
 
 from advbench.access import Handle, ScoreOracle
-from advbench.attacks.base import Attack, rand_like, randn_like
+from advbench.attacks.base import Attack
+from advbench.tensors import rand_like, randn_like
 from advbench.errors import ConfigError, UnsupportedThreatError
 from advbench.registry import ATTACKS
 from advbench.threat import Knowledge, Norm, Targeting, ThreatModel, quantize_8bit
@@ -118,6 +119,7 @@ class OnePixel(Attack):
     norms: ClassVar[frozenset[Norm]] = frozenset({Norm.L0})
     targeting: ClassVar[frozenset[Targeting]] = frozenset(Targeting)
     knowledge: ClassVar[frozenset[Knowledge]] = frozenset({Knowledge.SCORE_BASED})
+    kind: ClassVar[str] = "score_based"
     randomized: ClassVar[bool] = True
 
     def __init__(

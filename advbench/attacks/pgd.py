@@ -8,7 +8,8 @@ from typing import ClassVar
 import torch
 
 from advbench.access import Handle
-from advbench.attacks.base import GradientAttack, rand_like, randn_like, white_box
+from advbench.attacks.base import GradientAttack, white_box
+from advbench.tensors import rand_like, randn_like
 from advbench.attacks.losses import LOSSES, ascend_l2, ascend_linf, linf_box, objective, per_example_objective
 from advbench.audit import goal_met
 from advbench.errors import ConfigError
@@ -34,6 +35,7 @@ class PGD(GradientAttack):
 
     norms: ClassVar[frozenset[Norm]] = frozenset({Norm.LINF, Norm.L2})
     targeting: ClassVar[frozenset[Targeting]] = frozenset(Targeting)
+    kind: ClassVar[str] = "iterative"
 
     def __init__(
         self,

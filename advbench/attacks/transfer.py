@@ -19,6 +19,8 @@ from torch import nn
 from advbench.access import Handle, NoAccess
 from advbench.attacks.base import Attack
 from advbench.errors import ConfigError
+from advbench.loading import load_model
+from advbench.specs import ModelSpec
 from advbench.registry import ATTACKS
 from advbench.threat import Knowledge, Targeting, ThreatModel
 
@@ -44,7 +46,7 @@ class Transfer(Attack):
     """Craft on ``source`` with the white-box ``attack`` (default PGD), score on the target.
 
     ``source`` is a model spec as in configs (``{name: digits-mlp}``, ``{name: a, trained: a}``,
-    or a bare registry name), built with :func:`advbench.eval.resolve.load_model` once per attack
+    or a bare registry name), built with :func:`advbench.loading.load_model` once per attack
     instance (and moved to the inputs' device). ``attack`` is the white-box attack run on the
     source: a registered name, or a mapping ``{name: pgd, steps: 100}``. It runs under the
     target's threat model (same norm, eps, bounds, targeting) with white-box knowledge of the
@@ -55,11 +57,10 @@ class Transfer(Attack):
 
     knowledge: ClassVar[frozenset[Knowledge]] = frozenset({Knowledge.TRANSFER})
     minimal: ClassVar[bool] = False
+    kind: ClassVar[str] = "transfer"
 
     def __init__(self, *, source: str | dict[str, Any], attack: str | dict[str, Any] | None = None) -> None:
         super().__init__()
-        from advbench.config import ModelSpec
-
         try:
             self._spec = ModelSpec.model_validate(source).model_dump(by_alias=True)
         except ValueError as err:  # pydantic's ValidationError is a ValueError
@@ -83,8 +84,6 @@ class Transfer(Attack):
     def source_model(self, device: torch.device | str = "cpu") -> nn.Module:
         """The source model on ``device``, built on first use and cached in this instance."""
         if self._model is None:
-            from advbench.eval.resolve import load_model
-
             self._model = load_model(self._spec).eval()
         return self._model.to(device)
 

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from advbench.attacks.base import frozen
+from advbench.tensors import frozen
 from advbench.blindspots import metrics, report
 from advbench.blindspots.config import BlindspotConfig
 from advbench.blindspots.figure import FigureSpec
@@ -28,8 +28,8 @@ from advbench.blindspots.pairs import Pairs, predictions, sample_pairs
 from advbench.blindspots.triangle import TriangleStats, path_confidence, triangle_confidence, triangle_stats
 from advbench.data.base import ImageData
 from advbench.errors import ModelOutputError
-from advbench.eval.provenance import device_info, resolve_device, timestamp, versions
-from advbench.eval.resolve import load_data, load_model
+from advbench.provenance import device_info, resolve_device, timestamp, versions
+from advbench.loading import load_data, load_model
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 from pydantic import Field, field_validator
 
-from advbench.config import DataSpec, ModelSpec, _Strict, read_yaml_file, seed_field, validated
+from advbench.registry import DATASETS, MODELS, TRAVERSALS
+from advbench.specs import DataSpec, ModelSpec, _Strict, read_yaml_file, seed_field, validated
 from advbench.errors import ConfigError
 
 DEFAULT_BLINDSPOTS_YAML = """\
@@ -83,8 +84,6 @@ class BlindspotConfig(_Strict):
 
     def traversal(self) -> Any:
         """The configured LST (raises ConfigError for an unknown or bad parameter)."""
-        from advbench.registry import TRAVERSALS
-
         return TRAVERSALS.create("lst", **self.lst)
 
 
@@ -102,8 +101,6 @@ def load_blindspot_config(path: str | Path | None = None) -> BlindspotConfig:
 
 def _validate_names(config: BlindspotConfig) -> None:
     """Resolve the data set and model names and build the traversal, before anything runs."""
-    from advbench.registry import DATASETS, MODELS
-
     if config.data.name is not None:
         DATASETS.get(config.data.name)
     if config.model.source == "registry":

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from advbench.access import WhiteBoxModel
-from advbench.attacks.base import frozen, rand_like
+from advbench.tensors import frozen, rand_like
 from advbench.errors import ConfigError, ModelOutputError
 from advbench.registry import TRAVERSALS
 

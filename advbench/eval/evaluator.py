@@ -22,13 +22,11 @@ and outputs of each attacked view, fills the table's ``flags`` column and writes
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
+import hashlib
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,30 +36,31 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from advbench.files import atomic_write_text, write_npz_rows
-from advbench.config import BenchmarkConfig, DefenseSpec, ModelSpec, attack_threats
+from advbench.config import BenchmarkConfig
 from advbench.defenses.base import find_defended
-from advbench.eval.jobs import InProcessExecutor, Job, ModelTags, Worker, checked_logits, examples_digest
+from advbench.errors import ConfigError, ModelOutputError
+from advbench.eval.jobs import Job
 from advbench.eval.masking import (
+    FLAGS,
     GRAD_EXAMPLES,
-    PROBE_EXAMPLES,
-    PROBE_PREFIX,
-    AttackInfo,
     Finding,
+    attack_info,
     flags_column,
     format_findings,
     gradient_findings,
     gradient_stats,
-    probe_eps,
     table_findings,
 )
 from advbench.eval.masking import report as masking_report
-from advbench.eval.provenance import device_info, resolve_device, timestamp, versions
-from advbench.eval.resolve import load_data
+from advbench.eval.matrices import write_matrices
+from advbench.eval.plan import attack_order, defense_spec, model_spec, plan_jobs, plan_probes
 from advbench.eval.tables import robust_accuracy_matrix, robust_accuracy_table
+from advbench.eval.worker import InProcessExecutor, Worker, checked_logits, examples_digest
+from advbench.files import atomic_write_text, write_npz_rows
+from advbench.loading import load_data
+from advbench.provenance import device_info, resolve_device, timestamp, versions
 from advbench.store import ResultStore
-from advbench.threat import Knowledge, ThreatModel, quantize_8bit
-from advbench.errors import ConfigError, ModelOutputError
+from advbench.threat import Knowledge, quantize_8bit
 
 DB_NAME = "results.sqlite"
 
@@ -81,128 +80,6 @@ class EvaluationResult:
     def masking_lines(self) -> str:
         """The gradient-masking flags, one line each (empty when there is none)."""
         return masking_lines(self.masking)
-
-
-def _threat_groups(config: BenchmarkConfig) -> list[list[ThreatModel]]:
-    """The config's threat models grouped by everything but eps (an eps sweep per group)."""
-    groups: dict[str, list[ThreatModel]] = {}
-    for threat in config.threat_models():
-        groups.setdefault(json.dumps({k: v for k, v in threat.to_dict().items() if k != "eps"}, sort_keys=True), []).append(threat)
-    return list(groups.values())
-
-
-def attack_views(config: BenchmarkConfig, tags: ModelTags) -> list[tuple[str, dict[str, Any] | None]]:
-    """The views a white-box attack gets of a model, as (label suffix, adaptive spec or None):
-    the deployed model (naive) and/or its adaptive view, per ``config.adaptive``."""
-    if not tags.needs_adaptive or config.adaptive == "off":
-        return [("", None)]
-    view = (tags.suffix, {"bpda": True, "eot_samples": config.eot_samples if tags.randomized else 1})
-    return [view] if config.adaptive == "only" else [("", None), view]
-
-
-def _cells(config: BenchmarkConfig, worker: Worker) -> Iterator[tuple[dict[str, Any], dict[str, Any], ModelTags,
-                                                                      list[ThreatModel]]]:
-    """(model spec, defense spec, their tags, a threat group) in config order."""
-    groups = _threat_groups(config)
-    for model in config.models:
-        mspec = model_spec(model)
-        for defense in config.defenses:
-            dspec = defense_spec(defense)
-            mtags = worker.tags(mspec, dspec, seed=config.seed)
-            for threats in groups:
-                yield mspec, dspec, mtags, threats
-
-
-def model_spec(model: ModelSpec) -> dict[str, Any]:
-    """A model entry as jobs carry it (what the model *is* travels beside it, as the job's content
-    digest; entries without ``trained`` keep the keys they had)."""
-    spec = model.model_dump(mode="json", by_alias=True)
-    if spec.get("trained") is None:
-        spec.pop("trained", None)
-    return spec
-
-
-def defense_spec(defense: DefenseSpec) -> dict[str, Any]:
-    """A defense entry as jobs carry it (a single defense without the empty ``stages``)."""
-    return defense.model_dump(mode="json", exclude=None if defense.stages else {"stages"})
-
-
-def _attack_spec(name: str, params: dict[str, Any], label: str, view: dict[str, Any] | None,
-                 **extra: Any) -> dict[str, Any]:
-    return {"name": name, "params": params, "label": label, **({"adaptive": view} if view else {}), **extra}
-
-
-def attack_order(config: BenchmarkConfig) -> list[str]:
-    """Attack labels in table order: each config entry, then its adaptive variants."""
-    return [label + suffix for label in config.attack_labels() for suffix in ("", "+bpda", "+eot", "+bpda+eot")]
-
-
-def plan_jobs(config: BenchmarkConfig, indices: np.ndarray, save_adversarial: bool = False,
-              worker: Worker | None = None) -> list[Job]:
-    """All jobs of a config, in a fixed order: models, defenses, threat models (grouped by all
-    but eps), attacks (each white-box attack on a model that needs it naive, then adaptive), then
-    shards and eps. A minimal-perturbation attack's jobs at the eps of one group come one after
-    another for each shard, so the worker runs the attack once and re-audits its result at each
-    eps. ``worker`` loads the models and data to learn what each (model, defense) is and the
-    content digests the jobs carry (default: a CPU worker of its own)."""
-    from advbench.registry import ATTACKS
-
-    worker = worker or Worker(torch.device("cpu"))
-    data = config.data.model_dump(mode="json")
-    shards = [tuple(int(i) for i in indices[s : s + config.batch_size]) for s in range(0, len(indices), config.batch_size)]
-    labels = config.attack_labels()
-    jobs: list[Job] = []
-    for mspec, dspec, mtags, threats in _cells(config, worker):
-        content = [worker.content(data, mspec, shard) for shard in shards]
-        draws = config.draws if mtags.randomized else 1
-        views = attack_views(config, mtags) if threats[0].knowledge is Knowledge.WHITE_BOX else [("", None)]
-        earlier: dict[tuple[int, ThreatModel], list[str]] = {}
-        for (attack, label), (suffix, view) in itertools.product(zip(config.attacks, labels), views):
-            minimal = bool(getattr(ATTACKS.create(attack.name, **attack.params), "minimal", False))
-            aspec = _attack_spec(attack.name, attack.params, label + suffix, view, **({"minimal": True} if minimal else {}))
-            allowed = attack_threats(config, attack)
-            planned = [t for t in threats if t in allowed]
-            order = ([(s, t) for s in range(len(shards)) for t in planned] if minimal
-                     else [(s, t) for t in planned for s in range(len(shards))])
-            for s, threat in order:
-                after = tuple(earlier.get((s, threat), [])) if config.cascade else ()
-                job = Job(data, mspec, dspec, threat.to_dict(), aspec, s, shards[s], config.seed, after,
-                          save_adversarial, draws, content[s])
-                earlier.setdefault((s, threat), []).append(job.key)
-                jobs.append(job)
-    return jobs
-
-
-def plan_probes(config: BenchmarkConfig, indices: np.ndarray, input_numel: int,
-                worker: Worker | None = None) -> list[Job]:
-    """The large-eps probes of the gradient-masking checks (none when they are off): per model,
-    defense, white-box threat group and view, PGD (the config's first PGD entry's parameters,
-    its step size left to scale with eps; else PGD's defaults) at an eps whose ball covers the
-    whole input range, on the first ``PROBE_EXAMPLES`` examples. Labels ``probe:pgd[+view]``."""
-    from advbench.registry import ATTACKS
-
-    if not config.masking_checks:
-        return []
-    worker = worker or Worker(torch.device("cpu"))
-    pgd = next((a for a in config.attacks if a.name == "pgd"), None)
-    params = {k: v for k, v in (pgd.params if pgd else {}).items() if k != "step_size"}
-    attack = ATTACKS.create("pgd", **params)
-    data = config.data.model_dump(mode="json")
-    subset = tuple(int(i) for i in indices[:PROBE_EXAMPLES])
-    jobs: list[Job] = []
-    for mspec, dspec, mtags, threats in _cells(config, worker):
-        eps = probe_eps(threats[0].norm.value, threats[0].bounds, input_numel)
-        if threats[0].knowledge is not Knowledge.WHITE_BOX or eps is None:
-            continue
-        threat = dataclasses.replace(threats[0], eps=eps)
-        if attack.supports(threat):
-            continue
-        for suffix, view in attack_views(config, mtags):
-            aspec = _attack_spec("pgd", params, f"{PROBE_PREFIX}pgd{suffix}", view, probe=True)
-            jobs.append(Job(data, mspec, dspec, threat.to_dict(), aspec, -1, subset, config.seed,
-                            draws=config.draws if mtags.randomized else 1,
-                            content=worker.content(data, mspec, subset)))
-    return jobs
 
 
 def evaluate(
@@ -272,10 +149,8 @@ def evaluate(
         finally:
             bar.close()
         gradients = gradient_checks(worker, config, jobs, data, indices) if config.masking_checks else ([], [])
-        table, matrix, masking = build_tables(store, config, jobs, *gradients)
+        table, matrix, masking = build_tables(store, config, {j.key for j in jobs}, *gradients)
         if config.analysis is not None:
-            from advbench.eval.matrices import write_matrices
-
             write_matrices(store, config, jobs, worker, out)
         if save_adversarial:
             _write_adversarial(store, config_hash, [j for j in jobs if not j.probe], data, indices, out / "adversarial")
@@ -300,7 +175,7 @@ def evaluate(
         "command": " ".join(sys.argv),
         "notes": notes,
         "threads": {"requested": threads if threads is not None else "auto", "chosen": worker.thread_choices},
-        "model_cards": _model_cards(config),
+        "model_cards": _model_cards(worker, config),
         "defended_models": _defended_models(worker, config),
     }
     write_outputs(out, table, matrix, provenance)
@@ -406,11 +281,12 @@ def gradient_checks(worker: Worker, config: BenchmarkConfig, jobs: list[Job], da
     return findings, records
 
 
-def build_tables(store: ResultStore, config: BenchmarkConfig, jobs: list[Job] | None = None,
+def build_tables(store: ResultStore, config: BenchmarkConfig, keys: set[str] | None = None,
                  gradient_found: list[Finding] | None = None, gradient_records: list[dict[str, Any]] | None = None,
-                 keys: set[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+                 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """The results table (with its ``flags``), the matrix and the masking report, from the store,
-    over the jobs of the current run only: ``keys``, else those of ``jobs``, else the store's plan."""
+    over the jobs of the current run only (``keys``, else the store's plan). What each row's attack
+    is (its registry name, kind, view, whether a probe) comes from the store's job rows."""
     config_hash = config.hash()
     order = {
         "models": [m.name for m in config.models],
@@ -418,22 +294,20 @@ def build_tables(store: ResultStore, config: BenchmarkConfig, jobs: list[Job] | 
         "attacks": attack_order(config),
     }
     # only the current run's jobs: a store may also hold jobs of this config over other content
-    if keys is None:
-        keys = {j.key for j in jobs} if jobs else store.planned_keys(config_hash)
+    keys = keys if keys is not None else store.planned_keys(config_hash) or store.finished_keys(config_hash)
     examples, stored = store.examples(config_hash, keys), store.jobs(config_hash, keys)
-    probe_ex, probe_jobs = examples.attack.str.startswith(PROBE_PREFIX), stored.attack.str.startswith(PROBE_PREFIX)
+    probe_ex, probe_jobs = examples.probe.fillna(0).astype(bool), stored.probe.fillna(0).astype(bool)
     scoring = config.randomized_scoring
     table = robust_accuracy_table(examples[~probe_ex], stored[~probe_jobs], order, cascade=config.cascade,
                                   scoring=scoring)
     if not config.masking_checks:
-        return table, robust_accuracy_matrix(table, order["attacks"]), masking_report([], None, [], enabled=False)
+        return (table, robust_accuracy_matrix(table, order["attacks"], FLAGS),
+                masking_report([], None, [], enabled=False))
     probes = robust_accuracy_table(examples[probe_ex], stored[probe_jobs], order, scoring=scoring)
-    info = {j.attack_label: AttackInfo(j.attack["name"], "adaptive" if j.attack.get("adaptive") else "naive",
-                                       j.minimal) for j in jobs or []}
-    findings = table_findings(table, probes, info) + list(gradient_found or [])
+    findings = table_findings(table, probes, attack_info(stored)) + list(gradient_found or [])
     table["flags"] = flags_column(table, findings)
-    return table, robust_accuracy_matrix(table, order["attacks"]), masking_report(findings, probes,
-                                                                                   gradient_records or [])
+    return (table, robust_accuracy_matrix(table, order["attacks"], FLAGS),
+            masking_report(findings, probes, gradient_records or []))
 
 
 def masking_lines(masking: dict[str, Any]) -> str:
@@ -472,27 +346,16 @@ def _write_adversarial(store: ResultStore, config_hash: str, jobs: list[Job], da
 
 
 def _indices_digest(indices: np.ndarray) -> str:
-    import hashlib
-
     return hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
-def _model_cards(config: BenchmarkConfig) -> dict[str, Any]:
+def _model_cards(worker: Worker, config: BenchmarkConfig) -> dict[str, Any]:
+    """The card each loaded model carries (``advbench_card``: the zoo's and trained models')."""
     cards: dict[str, Any] = {}
-    try:
-        from advbench.models.zoo import model_card
-    except ImportError:
-        return cards
     for m in config.models:
-        if m.source == "registry":
-            try:
-                cards[m.name] = model_card(m.name)
-            except Exception:  # noqa: BLE001 - a model outside the zoo has no card
-                pass
-        elif m.trained is not None:
-            from advbench.training import read_card
-
-            cards[m.name] = read_card(m.trained)
+        card = getattr(worker.base_model(model_spec(m))[0], "advbench_card", None)
+        if card is not None:
+            cards[m.name] = card
     return cards
 
 

@@ -19,9 +19,10 @@ Codes and rules (``tol`` = max(3 examples / n, 1%); robust accuracies are fracti
   sqrt(input size)) on the first :data:`PROBE_EXAMPLES` examples, leaves robust accuracy above
   :data:`LARGE_EPS_MAX` (an unbounded attack should reach ~0%). Flags the white-box rows of
   the same view (naive or adaptive) in that threat group.
-- ``single_step``: at the same threat and eps and in the same view, a single-step attack (fgsm)
-  leaves robust accuracy more than ``tol`` below an iterative one (bim, pgd). Flags the
-  iterative attack.
+- ``single_step``: at the same threat and eps and in the same view, a single-step attack (an
+  attack class whose ``kind`` is ``single_step``: fgsm) leaves robust accuracy more than ``tol``
+  below an iterative one (``kind`` ``iterative``: bim, pgd). Flags the iterative attack. The kinds
+  are read from the store's job rows, never parsed from labels.
 - ``black_box``: at the same norm, eps and targeting, a score-based, decision-based or transfer
   attack leaves robust accuracy more than ``tol`` below the best white-box attack of a view.
   Flags the white-box rows of that view.
@@ -49,7 +50,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advbench.eval.jobs import PROBE_PREFIX
 from advbench.eval.tables import is_worst_case, worst_case_rows
+from advbench.tensors import frozen
 
 TOL_EXAMPLES = 3  # "a few examples" of slack in every comparison of robust accuracies
 TOL_MIN = 0.01  # ... and at least 1 percentage point
@@ -58,10 +61,6 @@ ZERO_GRAD_SHARE = 0.25  # more than this share of exactly-zero input gradients i
 NONDET_RTOL = 1e-3  # two gradients of a deterministic model may differ by this much of their max
 PROBE_EXAMPLES = 100  # examples the large-eps probe attacks
 GRAD_EXAMPLES = 32  # examples the gradient and output checks use
-PROBE_PREFIX = "probe:"
-
-SINGLE_STEP = frozenset({"fgsm"})
-ITERATIVE = frozenset({"bim", "pgd"})
 
 FLAGS: dict[str, str] = {
     "eps_flat": "robust accuracy does not fall as eps grows",
@@ -97,25 +96,20 @@ ADVICE: dict[str, str] = {
 
 @dataclass(frozen=True)
 class AttackInfo:
-    """What the checks need to know of an attack label."""
+    """What the checks need to know of a results row's attack, as the store keeps it."""
 
     name: str  # registry name
     view: str = "naive"  # naive | adaptive
-    minimal: bool = False
-
-    @property
-    def kind(self) -> str:
-        if self.name in SINGLE_STEP:
-            return "single"
-        if self.name in ITERATIVE:
-            return "iterative"
-        return "minimal" if self.minimal else "other"
+    kind: str = "other"  # the attack class's ``kind`` (single_step, iterative, minimal, ...)
 
 
-def infer_info(label: str) -> AttackInfo:
-    """An attack's info from its label alone (``pgd``, ``pgd(loss=margin)+bpda``, ``probe:pgd+eot``)."""
-    base = label.removeprefix(PROBE_PREFIX)
-    return AttackInfo(name=base.split("+")[0].split("(")[0], view="adaptive" if "+" in base else "naive")
+def attack_info(jobs: pd.DataFrame) -> dict[str, AttackInfo]:
+    """Each stored attack label's identity, read from the store's job rows (never from the label)."""
+    out: dict[str, AttackInfo] = {}
+    for r in jobs.itertuples():
+        if r.attack not in out:
+            out[r.attack] = AttackInfo(name=r.attack_name or r.attack, view=r.view or "naive", kind=r.attack_kind or "other")
+    return out
 
 
 @dataclass(frozen=True)
@@ -161,7 +155,7 @@ def _cell(row: Any) -> dict[str, Any]:
 
 def _lookup(info: dict[str, AttackInfo] | None):
     def get(label: str) -> AttackInfo:
-        return (info or {}).get(label) or infer_info(label)
+        return (info or {}).get(label) or AttackInfo(label)
 
     return get
 
@@ -201,7 +195,7 @@ def check_single_step(table: pd.DataFrame, info: dict[str, AttackInfo] | None = 
         for it in cells:
             if get(it.attack).kind != "iterative":
                 continue
-            beaten = [s for s in cells if get(s.attack).kind == "single" and get(s.attack).view == get(it.attack).view
+            beaten = [s for s in cells if get(s.attack).kind == "single_step" and get(s.attack).view == get(it.attack).view
                       and s.robust_accuracy < it.robust_accuracy - tol]
             if beaten:
                 s = min(beaten, key=lambda r: r.robust_accuracy)
@@ -301,7 +295,6 @@ def _input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple
 
 def gradient_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, deterministic: bool = True) -> GradientStats:
     """Measure ``model`` on ``(x, y)``: outputs once, the input gradient twice when ``deterministic``."""
-    from advbench.attacks.base import frozen
 
     with frozen(model):
         out, g1 = _input_gradient(model, x, y)

@@ -7,14 +7,14 @@ store, and after the attacks the evaluator computes
   on each model (white-box) evaluated on every model of the config behind the same defense:
   error rate per (source, target), the diagonal being the white-box number, with each source's
   average distortion, matched Gaussian and uniform noise rows and optionally the perturbations
-  amplified to given stds (:func:`advbench.analysis.transfer.transfer_matrix`);
+  amplified to given stds (:func:`advbench.analysis.transfer_matrix.transfer_matrix`);
 - **destruction** (Kurakin et al.): for each cell, the destruction rate of every configured
   transformation, average and prefiltered case, top-1 and top-5
   (:func:`advbench.analysis.destruction.destruction_records`).
 
-Both are written as long tables (``transfer.csv``/``.json``, ``destruction.csv``/``.json``) and
-Markdown pivots;
-nothing here reruns an attack, so a resumed run gives the same matrices.
+Both are written as long tables (``transfer.csv``/``.json``, ``destruction.csv``/``.json``);
+:mod:`advbench.report.matrices` renders them as Markdown pivots. Nothing here reruns an attack,
+so a resumed run gives the same matrices.
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from advbench.analysis.destruction import destruction_records
+from advbench.analysis.transfer_matrix import transfer_matrix
 from advbench.config import BenchmarkConfig
-from advbench.eval.jobs import Job, Worker
+from advbench.eval.jobs import Job
+from advbench.eval.plan import defense_spec, model_spec
+from advbench.eval.worker import Worker
 from advbench.files import atomic_write_text
 from advbench.store import ResultStore
 
@@ -63,8 +67,6 @@ def transfer_table(cells: dict[Cell, dict[str, np.ndarray]], models: dict[tuple[
                    seed: int, amplify: list[float] | None = None) -> pd.DataFrame:
     """Long table: defense, threat, attack, source (a model or a noise row), target, error rate,
     errors, n, av_distortion. ``models`` maps (model, defense) to the deployed model."""
-    from advbench.analysis.transfer import transfer_matrix
-
     groups: dict[tuple[str, str, str], dict[str, dict[str, np.ndarray]]] = {}
     for (model, defense, threat_json, attack), arrays in cells.items():
         groups.setdefault((defense, threat_json, attack), {})[model] = arrays
@@ -93,8 +95,6 @@ def destruction_table(cells: dict[Cell, dict[str, np.ndarray]], models: dict[tup
                       transforms: list[Any], seed: int) -> pd.DataFrame:
     """Long table: model, defense, threat, attack, transformation, case, topk, numerator,
     denominator, n, rate (Kurakin et al.'s destruction rate of each cell's examples)."""
-    from advbench.analysis.destruction import destruction_records
-
     frames = []
     for (model, defense, threat_json, attack), arrays in cells.items():
         net = models[(model, defense)]
@@ -113,17 +113,11 @@ def destruction_table(cells: dict[Cell, dict[str, np.ndarray]], models: dict[tup
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _markdown(table: pd.DataFrame) -> str:
-    from advbench.report.markdown import table as pipe_table
-
-    return pipe_table(table, index=True, float_format=lambda v: f"{v:.3g}")
-
-
 @torch.no_grad()
 def write_matrices(store: ResultStore, config: BenchmarkConfig, jobs: list[Job], worker: Worker, out: Path) -> None:
-    """Compute and write the matrices the config's ``analysis`` section asks for."""
-    from advbench.eval.evaluator import defense_spec, model_spec
-
+    """Compute the matrices the config's ``analysis`` section asks for and write them as records
+    (``transfer.csv``/``.json``, ``destruction.csv``/``.json``); :mod:`advbench.report.matrices`
+    renders them."""
     analysis = config.analysis
     if analysis is None:
         return
@@ -134,23 +128,7 @@ def write_matrices(store: ResultStore, config: BenchmarkConfig, jobs: list[Job],
         table = transfer_table(cells, models, config.seed, list(analysis.amplify))
         atomic_write_text(out / "transfer.csv", table.to_csv(index=False))
         atomic_write_text(out / "transfer.json", table.to_json(orient="records", indent=1))
-        text = ["# Transfer matrices (error rate of each target on each source's examples)\n"]
-        if not table.empty:
-            for key, group in table.groupby(["defense", "norm", "eps", "targeting", "knowledge", "attack"], sort=False):
-                pivot = group.pivot(index="source", columns="target", values="error_rate")
-                pivot = pivot.reindex(index=list(dict.fromkeys(group.source)), columns=list(dict.fromkeys(group.target)))
-                pivot["av_distortion"] = group.groupby("source", sort=False).av_distortion.first()
-                text.append(f"## {' / '.join(map(str, key))}\n\n{_markdown(pivot)}\n")
-        atomic_write_text(out / "transfer.md", "\n".join(text))
     if analysis.destruction:
         table = destruction_table(cells, models, list(analysis.destruction), config.seed)
         atomic_write_text(out / "destruction.csv", table.to_csv(index=False))
         atomic_write_text(out / "destruction.json", table.to_json(orient="records", indent=1))
-        text = ["# Destruction rates (Kurakin et al.): rows model / defense / attack / eps\n"]
-        if not table.empty:
-            pivot = table.pivot_table(index=["model", "defense", "norm", "attack", "eps"],
-                                      columns=["case", "topk", "transformation"], values="rate", sort=False)
-            columns = list(dict.fromkeys(zip(table["case"], table["topk"], table["transformation"])))
-            pivot = pivot.reindex(columns=pd.MultiIndex.from_tuples(columns, names=pivot.columns.names))
-            text.append(_markdown(pivot))
-        atomic_write_text(out / "destruction.md", "\n".join(text) + "\n")

@@ -35,6 +35,7 @@ rules are the definitions above.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -270,12 +271,13 @@ def _sort(table: pd.DataFrame, order: dict[str, list[str]]) -> pd.DataFrame:
     return keys.drop(columns=["_m", "_d", "_a", "_k"]).reset_index(drop=True)
 
 
-def robust_accuracy_matrix(table: pd.DataFrame, attack_order: list[str] | None = None) -> pd.DataFrame:
+def robust_accuracy_matrix(table: pd.DataFrame, attack_order: list[str] | None = None,
+                           flag_order: Sequence[str] = ()) -> pd.DataFrame:
     """Robust accuracy (%) with rows model/defense/attack and one column per threat budget.
 
     Rows follow the table's model and defense order and ``attack_order`` (default: first
     appearance), with each group's worst case last. When any cell has gradient-masking flags, a
-    last ``flags`` column lists each row's codes (over all its threats).
+    last ``flags`` column lists each row's codes (over all its threats), in ``flag_order``.
     """
     if table.empty:
         return pd.DataFrame()
@@ -298,9 +300,7 @@ def robust_accuracy_matrix(table: pd.DataFrame, attack_order: list[str] | None =
         codes: dict[tuple[str, str, str], dict[str, None]] = {}
         for mo, de, a, f in zip(table.model, table.defense, table.attack, table["flags"].fillna("")):
             codes.setdefault((mo, de, a), {}).update(dict.fromkeys(c for c in f.split(";") if c))
-        from advbench.eval.masking import FLAGS
-
-        rank = {c: i for i, c in enumerate(FLAGS)}
+        rank = {c: i for i, c in enumerate(flag_order)}
         m["flags"] = [";".join(sorted(codes.get(r, {}), key=lambda c: rank.get(c, len(rank)))) for r in m.index]
     m.columns.name = "robust accuracy %"
     return m

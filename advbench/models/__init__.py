@@ -1,11 +1,9 @@
-"""Models: the reference zoo and loaders for saved files, import paths, torchvision, timm, robustbench.
-
-Importing this package registers the zoo (``digits-mlp``, ``digits-cnn``, ``mnist-cnn``,
-``cifar10-cnn``) in :data:`advbench.registry.MODELS`; torchvision, timm and robustbench are
-imported only when a loader that needs them is called.
+"""Models: the reference architectures, loaders for saved files, import paths, torchvision, timm and
+robustbench, and reading the models ``advbench train`` wrote. (The trained reference models, the
+zoo, are :mod:`advbench.zoo`.) torchvision, timm and robustbench are imported only when a loader
+that needs them is called.
 """
 
-from advbench.models import zoo  # noqa: F401  (registers the zoo)
 from advbench.models.layers import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -19,19 +17,15 @@ from advbench.models.loaders import (
     load_timm,
     load_torchvision,
 )
-from advbench.models.zoo import ModelCard, load_zoo_model, model_card
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "ModelCard",
     "Normalize",
     "load_import_path",
     "load_model_file",
     "load_robustbench",
     "load_timm",
     "load_torchvision",
-    "load_zoo_model",
-    "model_card",
     "with_normalization",
 ]

@@ -36,6 +36,7 @@ from torch import nn
 
 from advbench.errors import ConfigError, DataError, UnknownNameError
 from advbench.models.layers import IMAGENET_MEAN, IMAGENET_STD, with_normalization
+from advbench.models.robustbench_compat import import_robustbench
 
 FILE_FORMATS = (
     "a torch.export program (torch.export.save, usually .pt2) or a TorchScript module "
@@ -526,8 +527,6 @@ def robustbench_checkpoint_paths(
 
 
 def _robustbench_entry(model_name: str, dataset: str, threat_model: str) -> tuple[dict[str, Any], Any, Any]:
-    from advbench.models.robustbench_compat import import_robustbench
-
     import_robustbench()
     from robustbench.model_zoo import model_dicts
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel

@@ -12,7 +12,8 @@ import pandas as pd
 from advbench.files import atomic_write_text
 from advbench.report import markdown, plots
 from advbench.report.load import Run, load_run
-from advbench.report.tables import Tables, rebuild
+from advbench.report.matrices import render_matrices
+from advbench.report.rebuild import Tables, rebuild
 
 
 @dataclass(frozen=True)
@@ -71,15 +72,11 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
                            matrix=tables.matrix, missing=tables.missing, masking=tables.masking, cost=tables.cost,
                            plots=[p.name for p in pngs])
     pngs += _analysis_heatmaps(run.folder, folder)
-    # the transfer and destruction matrices the run computed (config section ``analysis``), as stored
-    for name in ("transfer.md", "destruction.md"):
-        stored = run.folder / name
-        if stored.is_file():
-            body = stored.read_text()
-            atomic_write_text(folder / name, body)
-            files.append(folder / name)
-            nested = "\n".join("#" + line if line.startswith("#") else line for line in body.splitlines())
-            text = text.rstrip("\n") + "\n\n" + nested + "\n"
+    # the transfer and destruction matrices the run computed (config section ``analysis``)
+    for name, body in render_matrices(run.folder, folder).items():
+        files.append(folder / name)
+        nested = "\n".join("#" + line if line.startswith("#") else line for line in body.splitlines())
+        text = text.rstrip("\n") + "\n\n" + nested + "\n"
     atomic_write_text(folder / "report.md", text)
     return Report(folder, tables, [folder / "report.md", *files, *pngs])
 
@@ -87,8 +84,6 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
 def _analysis_heatmaps(run_folder: Path, folder: Path) -> list[Path]:
     """Heatmaps of the run's transfer (error rate %, rows defense / threat / attack / source,
     columns target) and destruction matrices (top-1 average case %, columns transformation)."""
-    import pandas as pd
-
     written = []
     transfer = run_folder / "transfer.csv"
     if transfer.is_file():

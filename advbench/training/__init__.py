@@ -6,11 +6,11 @@ module                 job
 ``config``             the train config schema (YAML, pydantic, one-line ConfigErrors)
 ``recipes``            the recipes: plain, madry, fast, trades, distillation, thermometer
 ``perturb``            adversarial examples for training (PGD, FGSM + random start, TRADES)
-``architectures``      the zoo architectures, widened for thermometer codes; rebuild by JSON
-``loop``               seeded epochs, checkpoint every epoch, resume, progress bar
+``loop``               seeded epochs, checkpoint every epoch, resume, progress bar (also
+                       what trains the zoo's reference models)
 ``measure``            clean and PGD robust accuracy on the evaluation split
 ``card``               the model card and its summary
-``store``              ``<ADVBENCH_CACHE>/trained/<name>/`` and :func:`load_trained`
+``save``               writing ``<ADVBENCH_CACHE>/trained/<name>/`` (read by :mod:`advbench.models.trained`)
 ``run``                :func:`train`: all of the above, under a lock
 =====================  ===================================================================
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 from advbench.training.config import TrainConfig, load_train_config, parse_train_config
 from advbench.training.recipes import RECIPES, make_recipe
 from advbench.training.run import TrainResult, train
-from advbench.training.store import load_trained, read_card, trained_dir
+from advbench.models.trained import load_trained, read_card, trained_dir
 
 __all__ = [
     "RECIPES",

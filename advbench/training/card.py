@@ -8,7 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from advbench.models import architectures
 from advbench.models.layers import count_parameters
+from advbench.provenance import versions
 from advbench.training.config import TrainConfig
 from advbench.training.recipes import TrainingRecipe
 
@@ -35,15 +37,12 @@ def make_card(
     data_meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything about a trained model: what, on which data, how well, how made, with what."""
-    from advbench.eval.provenance import versions
-    from advbench.models.zoo import get_spec
-
-    spec = get_spec(config.architecture)
+    spec = architectures.get(config.architecture)
     return {
         "card_version": CARD_VERSION,
         "name": config.name,
         "architecture": config.architecture,
-        "architecture_description": spec.architecture,
+        "architecture_description": spec.description,
         "input_shape": list(spec.input_shape),
         "num_classes": spec.num_classes,
         "classifier_in_channels": description["in_channels"] or spec.input_shape[0],

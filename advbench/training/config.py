@@ -3,7 +3,7 @@
 Example (``configs/train-digits-madry.yaml``)::
 
     name: digits-madry                  # the output: <ADVBENCH_CACHE>/trained/digits-madry/
-    architecture: digits-cnn            # a zoo architecture (advbench.models.zoo)
+    architecture: digits-cnn            # a reference architecture (advbench.models.architectures)
     data: {name: digits, split: train}  # the training split (a DataSpec; ``n`` keeps the first n)
     eval: {split: test, eps: 0.1}       # the evaluation split, and the eps of the card's PGD
     recipe: {name: madry, eps: 0.1, steps: 10}
@@ -28,16 +28,11 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from advbench.config import (
-    BenchmarkConfig,
-    DataSpec,
-    _Strict,
-    parse_number,
-    seed_field,
-    read_yaml_file,
-    validated,
-)
 from advbench.errors import ConfigError
+from advbench.models import architectures
+from advbench.registry import DATASETS
+from advbench.specs import DataSpec, _Strict, check_device, parse_number, read_yaml_file, seed_field, validated
+from advbench.training.recipes import make_recipe
 
 #: splits of one data set that share images (MNIST's ``test`` holds ``test-train`` and ``test-eval``)
 _OVERLAPPING = {frozenset({"test", "test-train"}), frozenset({"test", "test-eval"})}
@@ -134,7 +129,7 @@ class TrainConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        return BenchmarkConfig._device(value)  # the same devices as an evaluation
+        return check_device(value)  # the same devices as an evaluation
 
     @model_validator(mode="after")
     def _splits(self) -> TrainConfig:
@@ -161,7 +156,7 @@ class TrainConfig(_Strict):
         return hashlib.sha256(json.dumps(blob, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
     def data_spec(self) -> dict[str, Any]:
-        """The training DataSpec as a dict (what :func:`advbench.eval.resolve.load_data` reads)."""
+        """The training DataSpec as a dict (what :func:`advbench.loading.load_data` reads)."""
         return self.data.model_dump(mode="json")
 
     def eval_data_spec(self) -> dict[str, Any]:
@@ -188,11 +183,7 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
 
 def _check_names(config: TrainConfig) -> None:
     """The architecture, the data set and the recipe (with its parameters) exist; eval has an eps."""
-    from advbench.models.zoo import get_spec
-    from advbench.registry import DATASETS
-    from advbench.training.recipes import make_recipe
-
-    get_spec(config.architecture)
+    architectures.get(config.architecture)
     if config.data.name is not None:
         DATASETS.get(config.data.name)
     recipe = make_recipe(config.recipe.name, config.recipe.params)
@@ -204,8 +195,6 @@ def _check_names(config: TrainConfig) -> None:
 
 def robust_eps(config: TrainConfig) -> float:
     """The eps of the card's PGD evaluation: ``eval.eps``, else the recipe's."""
-    from advbench.training.recipes import make_recipe
-
     eps = config.eval.eps if config.eval.eps is not None else make_recipe(config.recipe.name, config.recipe.params).eps
     assert eps is not None  # guaranteed by _check_names
     return eps

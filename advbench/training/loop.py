@@ -20,15 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
+import math
 
-from advbench.models import zoo
-from advbench.models.zoo import augment, make_optimizer, one_cycle  # so that a plain recipe trains as the zoo does
-from advbench.training.architectures import build_classifier
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from advbench.defenses.base import DefendedModel
+from advbench.models.architectures import build_classifier, build_stage
 from advbench.training.config import TrainConfig
 from advbench.training.recipes import TrainingRecipe
-from advbench.training.store import save_tensors
+from advbench.training.save import save_tensors
+
+AUGMENTATIONS = ("none", "shift-2", "crop-4+hflip")
 
 
 
@@ -41,22 +46,54 @@ class LoopResult:
     stopped: bool = False
 
 
+def augment(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
+    """A batch's training augmentation (one of :data:`AUGMENTATIONS`), drawn from ``g``."""
+    if kind == "none":
+        return x
+    n, c, h, w = x.shape
+    if kind == "shift-2":
+        pad, flip = 2, False
+    else:  # crop-4+hflip
+        pad, flip = 4, True
+    if flip:
+        mask = torch.rand(n, generator=g) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect" if flip else "constant")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+
+
+def one_cycle(total: int, warmup: float = 0.25, start: float = 0.04, end: float = 1e-3) -> Callable[[int], float]:
+    """LR factor per step: linear warm-up from ``start`` to 1 over ``warmup`` of the steps, then cosine to ``end``."""
+    up = max(1, int(total * warmup))
+
+    def factor(step: int) -> float:
+        if step < up:
+            return start + (1 - start) * step / up
+        t = min(1.0, (step - up) / max(1, total - up))
+        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The config's optimizer: Adam, AdamW or SGD (momentum 0.9, Nesterov)."""
+    params = model.parameters()
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
+
+
 def build_model(config: TrainConfig, recipe: TrainingRecipe, index: int, channels: int) -> nn.Module:
     """Phase ``index``'s fresh model: the classifier, in its defense stages if the recipe has any."""
-    from advbench.defenses.base import DefendedModel
-    from advbench.training.architectures import build_stage
-
     classifier = build_classifier(config.architecture, seed=config.seed + 1000 * index, in_channels=recipe.in_channels(channels))
     stages = [build_stage(s) for s in recipe.stages()]
     return DefendedModel(stages, classifier) if stages else classifier
-
-
-def _zoo_recipe(config: TrainConfig, epochs: int) -> zoo.Recipe:
-    return zoo.Recipe(
-        dataset=str(config.data.name), train_split=str(config.data.split), eval_split=str(config.eval.split),
-        epochs=epochs, batch_size=config.batch_size, optimizer=config.optimizer, lr=config.lr,
-        weight_decay=config.weight_decay, schedule=config.schedule, augmentation=config.augmentation, seed=config.seed,
-    )
 
 
 def run_loop(
@@ -74,10 +111,9 @@ def run_loop(
     """Train every phase of ``recipe`` on ``(x, y)``, resuming from ``checkpoint`` if it is this config's.
 
     ``stop_after_epochs`` ends the call after that many epochs (the checkpoint written), as an
-    interruption would; ``progress`` None shows the bar only on a terminal (tqdm's rule).
+    interruption would; ``progress`` None shows the bar only on a terminal (tqdm's rule). RGB
+    images train in the channels-last memory format (faster convolutions on the CPU).
     """
-    from tqdm.auto import tqdm
-
     phases = recipe.phases(config.epochs)
     state = _load(checkpoint, config.hash())
     g = torch.Generator().manual_seed(config.seed)  # on the CPU, like the data: batches move to the device
@@ -91,6 +127,7 @@ def run_loop(
         if log:
             log(f"resuming {config.name} after {phases[start_phase].name} epoch {start_epoch} from {checkpoint}")
     steps_per_epoch = (len(x) + config.batch_size - 1) // config.batch_size
+    channels_last = x.dim() == 4 and x.shape[1] == 3
     done = sum(p.epochs for p in phases[:start_phase]) + start_epoch
     bar = tqdm(
         total=sum(p.epochs for p in phases) * steps_per_epoch, initial=done * steps_per_epoch, file=sys.stderr,
@@ -101,7 +138,9 @@ def run_loop(
         for index in range(start_phase, len(phases)):
             phase = phases[index]
             model = build_model(config, recipe, index, x.shape[1]).to(device).train()
-            opt = make_optimizer(model, _zoo_recipe(config, phase.epochs))
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            opt = make_optimizer(model, config)
             sched = (
                 torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(phase.epochs * steps_per_epoch))
                 if config.schedule == "onecycle" else None
@@ -122,6 +161,8 @@ def run_loop(
                 total, count = 0.0, 0
                 for idx in torch.randperm(len(x), generator=g).split(config.batch_size):
                     xb = augment(x[idx], config.augmentation, g).to(device)
+                    if channels_last:
+                        xb = xb.contiguous(memory_format=torch.channels_last)
                     opt.zero_grad(set_to_none=True)
                     loss = recipe.loss(phase, model, xb, targets[idx].to(device), g)
                     loss.backward()
@@ -143,6 +184,8 @@ def run_loop(
                     result.stopped = True
                     return result
             previous = model.eval()
+            if channels_last:
+                previous = previous.to(memory_format=torch.contiguous_format)
     finally:
         bar.close()
     result.model = previous

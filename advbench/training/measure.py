@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from advbench.attacks.pgd import PGD
 from advbench.data.base import ImageData
+from advbench.defenses.base import adaptive, needs_adaptive
 from advbench.threat import ThreatModel
 
 
@@ -46,9 +48,6 @@ def measure(
     device: torch.device,
 ) -> dict[str, Any]:
     """Clean and robust accuracy of ``model`` (eval mode, on ``device``) on ``data``."""
-    from advbench.attacks.pgd import PGD
-    from advbench.defenses.base import adaptive, needs_adaptive
-
     correct = clean_correct(model, data, batch_size, device)
     threat = ThreatModel.from_dict({"norm": "linf", "eps": eps})
     views = {"": model}

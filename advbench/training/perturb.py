@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advbench.attacks.base import rand_like
+from advbench.tensors import rand_like
 from advbench.attacks.losses import (
     Objective,
     ascend_linf,

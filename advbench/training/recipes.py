@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from advbench.config import _Strict, parse_number, validated
+from advbench.defenses.base import adaptive
+from advbench.specs import _Strict, parse_number, validated
 from advbench.errors import ConfigError
 from advbench.training import perturb
 
@@ -141,8 +142,6 @@ class TrainingRecipe:
 
 def _attack_view(model: nn.Module) -> nn.Module:
     """What a training attack differentiates: the BPDA/EoT view of a defended model, else the model."""
-    from advbench.defenses.base import adaptive
-
     return adaptive(model)
 
 

@@ -20,16 +20,18 @@ from torch import nn
 
 from advbench.errors import ConfigError, DataError
 from advbench.files import file_lock
-from advbench.models.zoo import num_threads
+from advbench.loading import load_data
+from advbench.models import architectures
+from advbench.models.architectures import classifier_of, describe
+from advbench.models.trained import CARD, CHECKPOINT, LOCK, read_card, trained_dir
+from advbench.provenance import resolve_device
+from advbench.tensors import num_threads
+from advbench.training.card import make_card
 from advbench.training.config import TrainConfig, robust_eps
-from advbench.training.store import (
-    CARD,
-    CHECKPOINT,
-    LOCK,
-    read_card,
-    save_trained,
-    trained_dir,
-)
+from advbench.training.loop import run_loop
+from advbench.training.measure import measure
+from advbench.training.recipes import make_recipe
+from advbench.training.save import save_trained
 
 
 @dataclass
@@ -50,10 +52,6 @@ def train(
     log: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train ``config`` into ``<ADVBENCH_CACHE>/trained/<name>/`` (see :mod:`advbench.training`)."""
-    from advbench.eval.provenance import resolve_device
-    from advbench.eval.resolve import load_data
-    from advbench.training.recipes import make_recipe
-
     device = resolve_device(config.device)
     # everything that can be checked is checked before the model's folder exists: bad input
     # leaves nothing behind
@@ -82,11 +80,9 @@ def check_fits(config: TrainConfig, recipe: Any, train_data: Any, eval_data: Any
     """A one-line error when the data does not fit the architecture (or the evaluation split
     differs from the training one): the zoo architecture fixes its input's size and channels
     (an encoding recipe such as thermometer widens the channels itself)."""
-    from advbench.models.zoo import get_spec
-
     if train_data.input_shape != eval_data.input_shape:
         raise DataError(f"training images are {train_data.input_shape} but evaluation images {eval_data.input_shape}")
-    expected = get_spec(config.architecture).input_shape
+    expected = architectures.get(config.architecture).input_shape
     c, h, w = train_data.input_shape
     if (h, w) != tuple(expected[1:]) or (recipe.in_channels(c) is None and c != expected[0]):
         shape = "x".join(map(str, expected))
@@ -97,11 +93,6 @@ def check_fits(config: TrainConfig, recipe: Any, train_data: Any, eval_data: Any
 
 def _train(config: TrainConfig, recipe: Any, train_data: Any, eval_data: Any, folder: Path, device: torch.device,
            progress: bool | None, stop_after_epochs: int | None, log: Callable[[str], None] | None) -> TrainResult:
-    from advbench.training.architectures import classifier_of, describe
-    from advbench.training.card import make_card
-    from advbench.training.loop import run_loop
-    from advbench.training.measure import measure
-
     x, y = train_data.x, train_data.y
     if config.data.n is not None:
         x, y = x[: config.data.n], y[: config.data.n]

@@ -1,4 +1,4 @@
-"""The run's tables, rebuilt from the store by the evaluator's own functions (never recomputed
+"""A stored run's tables rebuilt from its store by the evaluator's own functions (never recomputed
 here): the results table with its flags, the matrix and the masking report; plus what the report
 adds: the cells the config asks for that the store lacks, and each attack's cost."""
 
@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
@@ -31,24 +30,6 @@ class Tables:
     masking: dict[str, Any]  # as masking.json
     missing: pd.DataFrame  # CELL + stored n, expected n, status (missing | partial)
     cost: pd.DataFrame  # per model, defense, attack and norm: summed COST over its eps
-
-
-def _attack_info(run: Run) -> list[SimpleNamespace]:
-    """What build_tables reads of the planned jobs (label, registry name, view, minimal) for each
-    config attack and its adaptive variants, without planning jobs (which loads the models)."""
-    import advbench  # noqa: F401  (registers the built-ins)
-    from advbench.registry import ATTACKS
-
-    out = []
-    for spec, label in zip(run.config.attacks, run.config.attack_labels()):
-        try:
-            minimal = bool(getattr(ATTACKS.create(spec.name, **spec.params), "minimal", False))
-        except Exception:  # noqa: BLE001 - an attack no longer registered: the label's defaults
-            minimal = False
-        for suffix in ("", "+bpda", "+eot", "+bpda+eot"):
-            attack = {"name": spec.name, **({"adaptive": True} if suffix else {})}
-            out.append(SimpleNamespace(attack_label=label + suffix, attack=attack, minimal=minimal))
-    return out
 
 
 def _expected_cells(run: Run, results: pd.DataFrame) -> pd.DataFrame:
@@ -97,8 +78,5 @@ def rebuild(run: Run) -> Tables:
     stored = run.masking.get("findings", [])
     gradient = [Finding(f["code"], f["seen"], f["where"]) for f in stored if f.get("code") in GRADIENT_CODES]
     with ResultStore(run.db) as store:
-        results, matrix, masking = build_tables(store, run.config, _attack_info(run), gradient,  # type: ignore[arg-type]
-                                                run.masking.get("gradients", []),
-                                                keys=store.planned_keys(run.config_hash)
-                                                or store.finished_keys(run.config_hash))
+        results, matrix, masking = build_tables(store, run.config, None, gradient, run.masking.get("gradients", []))
     return Tables(results, matrix, masking, missing_cells(run, results), attack_cost(results))

@@ -1,36 +1,35 @@
-"""Reference models: small networks trained on first use, cached, each with a model card.
+"""The reference models: the architectures of :mod:`advbench.models.architectures`, each with a
+recipe the training loop (:mod:`advbench.training.loop`) runs, shipped trained, with a card.
 
-Four architectures are registered in :data:`advbench.registry.MODELS`:
+=============== ========= ===================================== ==================
+name            input     training data (reported accuracy on)  training, 1 thread
+=============== ========= ===================================== ==================
+``digits-mlp``  1x8x8     digits ``train`` (``test``)           about 1 s
+``digits-cnn``  1x8x8     digits ``train`` (``test``)           about 1 s
+``mnist-cnn``   1x28x28   mnist ``test-train`` (``test-eval``)  about 5 s
+                          or ``train`` (``test``) if present
+``cifar10-cnn`` 3x32x32   cifar10 ``train`` (``test``)          about a minute
+=============== ========= ===================================== ==================
 
-=============== ========= ===================================== ========================
-name            input     training data (reported accuracy on)  training time, 1 thread
-=============== ========= ===================================== ========================
-``digits-mlp``  1x8x8     digits ``train`` (``test``)           1-2 s
-``digits-cnn``  1x8x8     digits ``train`` (``test``)           1-2 s
-``mnist-cnn``   1x28x28   mnist ``test-train`` (``test-eval``)  about 15 s
-                          or ``train`` (``test``) if present    (estimated 40 s)
-``cifar10-cnn`` 3x32x32   cifar10 ``train`` (``test``)          about 2 minutes
-=============== ========= ===================================== ========================
-
-Every factory has the signature ``(pretrained: bool = True, root: str | None = None)`` and
-returns the model in eval mode, taking inputs in [0, 1] (normalization is its first layer).
-``root`` is the data root handed to the data set loader (MNIST and CIFAR-10 only).
+Every registered factory has the signature ``(pretrained: bool = True, root: str | None =
+None)`` and returns the model in eval mode, taking inputs in [0, 1] (normalization is its first
+layer). ``root`` is the data root handed to the data set loader (MNIST and CIFAR-10 only).
 
 With ``pretrained=True`` the weights are the **reference checkpoints shipped with the package**
-(``advbench/models/weights/<name>-<hash>.pt``, a state dict read with ``torch.load(...,
+(``advbench/zoo/weights/<name>-<hash>.pt``, a state dict read with ``torch.load(...,
 weights_only=True)``, next to its card ``<name>-<hash>.json``), so every machine evaluates the
 same weights: training is deterministic on one machine, not across CPUs, and a benchmark or a
 regression gate that retrained its models would measure other models elsewhere. A recipe with no
 shipped checkpoint (MNIST with the full training set at hand, say), or any recipe with
 ``ADVBENCH_ZOO_SHIPPED=0``, is looked up in the cache, ``cache_dir()/models/<name>-<hash>.pt``.
-On a miss the model is trained on the CPU with one thread and a fixed seed (a rerun reproduces
-the weights bit for bit on that machine), evaluated, and both files are written atomically
-(temporary file + ``os.replace``), the card last: a reader never sees half a file, and a card on
-disk means its weights are complete. :func:`verify_recipe` retrains a shipped model from its
-recipe and compares the clean accuracy it reaches with the shipped card's. A lock file (``<name>-<hash>.lock``, where the platform has ``fcntl``)
-keeps two processes from training the same model at once: the second waits and loads. The
-hash covers the architecture version and the whole training recipe, so changing either trains
-a fresh model instead of loading a stale one.
+On a miss the model is trained by the training loop (the ``plain`` recipe with the zoo recipe's
+optimizer, schedule and augmentation) on the CPU with one thread and a fixed seed (a rerun
+reproduces the weights bit for bit on that machine), evaluated, and both files are written
+atomically, the card last: a card on disk means its weights are complete. A lock file keeps two
+processes from training the same model at once: the second waits and loads. The hash covers the
+architecture version and the whole recipe, so changing either trains a fresh model instead of
+loading a stale one. :func:`verify_recipe` retrains a shipped model from its recipe and compares
+the clean accuracy it reaches with the shipped card's.
 
 The card's clean accuracy is always measured on the evaluation split after training, never
 written by hand; :func:`model_card` returns it.
@@ -38,41 +37,37 @@ written by hand; :func:`model_card` returns it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import difflib
 import hashlib
+import inspect
 import json
-import math
 import os
+import tempfile
 import time
 import warnings
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from advbench.files import atomic_write, file_lock
 from advbench.data.base import ImageData
+from advbench.data.mnist import find_idx_pair
+from advbench.data.paths import cache_dir, data_root
 from advbench.errors import ConfigError, DataError, UnknownNameError
-from advbench.models.layers import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    MNIST_MEAN,
-    MNIST_STD,
-    Normalize,
-    conv_bn_relu,
-    count_parameters,
-)
+from advbench.files import atomic_write, file_lock
+from advbench.models import architectures
+from advbench.models.layers import count_parameters
 from advbench.registry import DATASETS, MODELS
+from advbench.tensors import num_threads
+from advbench.training.config import TrainConfig
+from advbench.training.loop import AUGMENTATIONS, run_loop
+from advbench.training.recipes import make_recipe
 
 CARD_VERSION = 1
-DIGITS_MEAN = (0.3,)  # the UCI digits' pixel statistics (scaled to [0, 1]), rounded
-DIGITS_STD = (0.38,)
 
 
 # ---------------------------------------------------------------------------- recipe and card
@@ -155,102 +150,30 @@ class ModelCard:
         return cls(**kw)
 
 
-AUGMENTATIONS = ("none", "shift-2", "crop-4+hflip")
-
-
-# ---------------------------------------------------------------------------- architectures
-def _digits_mlp() -> nn.Module:
-    return nn.Sequential(
-        OrderedDict(
-            normalize=Normalize(DIGITS_MEAN, DIGITS_STD),
-            flatten=nn.Flatten(),
-            fc1=nn.Linear(64, 128),
-            relu1=nn.ReLU(),
-            fc2=nn.Linear(128, 10),
-        )
-    )
-
-
-def _digits_cnn() -> nn.Module:
-    return nn.Sequential(
-        OrderedDict(
-            normalize=Normalize(DIGITS_MEAN, DIGITS_STD),
-            conv1=nn.Conv2d(1, 16, 3, padding=1),
-            relu1=nn.ReLU(),
-            conv2=nn.Conv2d(16, 32, 3, padding=1),
-            relu2=nn.ReLU(),
-            pool=nn.MaxPool2d(2),  # 32x4x4
-            flatten=nn.Flatten(),
-            fc1=nn.Linear(32 * 4 * 4, 64),
-            relu3=nn.ReLU(),
-            fc2=nn.Linear(64, 10),
-        )
-    )
-
-
-def _mnist_cnn() -> nn.Module:
-    """LeNet-like: two 5x5 conv + max-pool stages, then two fully connected layers."""
-    return nn.Sequential(
-        OrderedDict(
-            normalize=Normalize(MNIST_MEAN, MNIST_STD),
-            conv1=nn.Conv2d(1, 16, 5, padding=2),
-            relu1=nn.ReLU(),
-            pool1=nn.MaxPool2d(2),  # 16x14x14
-            conv2=nn.Conv2d(16, 32, 5, padding=2),
-            relu2=nn.ReLU(),
-            pool2=nn.MaxPool2d(2),  # 32x7x7
-            flatten=nn.Flatten(),
-            fc1=nn.Linear(32 * 7 * 7, 128),
-            relu3=nn.ReLU(),
-            fc2=nn.Linear(128, 10),
-        )
-    )
-
-
-def _cifar10_cnn() -> nn.Module:
-    """Three conv-BN-ReLU-pool stages (16, 32, 64 channels) and a linear classifier."""
-    return nn.Sequential(
-        OrderedDict(
-            normalize=Normalize(CIFAR10_MEAN, CIFAR10_STD),
-            block1=conv_bn_relu(3, 16, pool=True),  # 16x16x16
-            block2=conv_bn_relu(16, 32, pool=True),  # 32x8x8
-            block3=conv_bn_relu(32, 64, pool=True),  # 64x4x4
-            flatten=nn.Flatten(),
-            fc=nn.Linear(64 * 4 * 4, 10),
-        )
-    )
-
-
 @dataclass(frozen=True)
 class ZooSpec:
-    """One zoo entry: architecture, input shape, recipe and (optionally) a recipe for full data."""
+    """One zoo entry: an architecture (by name) and its recipe (and one for full data, optionally)."""
 
     name: str
-    build: Callable[[], nn.Module]
-    architecture: str
-    input_shape: tuple[int, int, int]
     recipe: Recipe
-    arch_version: int = 1
-    num_classes: int = 10
-    mean: tuple[float, ...] = ()
-    std: tuple[float, ...] = ()
     # used instead of ``recipe`` when ``full_available(root)`` says its training split exists
     full_recipe: Recipe | None = None
     full_available: Callable[[str | None], bool] | None = field(default=None, compare=False)
     data_note: str = ""
     full_data_note: str = ""
-    # CPU threads used while training. One thread keeps the weights identical on machines with
-    # different core counts, and is also faster for these small nets on a busy machine: with
-    # two threads on two shared cores, OpenMP's busy-waiting made training 5-8x slower.
+    # CPU threads used while training: one keeps the weights independent of the core count
     train_threads: int = 1
+
+    @property
+    def architecture(self) -> architectures.Architecture:
+        return architectures.get(self.name)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.architecture.input_shape
 
 
 def _mnist_train_files_present(root: str | None) -> bool:
-    try:
-        from advbench.data.mnist import find_idx_pair
-        from advbench.data.paths import data_root
-    except ImportError:  # pragma: no cover - the MNIST loader not installed
-        return False
     return find_idx_pair(data_root(root), "train") is not None
 
 
@@ -261,45 +184,16 @@ def _add(spec: ZooSpec) -> None:
     ZOO[spec.name] = spec
 
 
+_add(ZooSpec("digits-mlp", Recipe("digits", "train", "test", epochs=30, batch_size=64, optimizer="adam", lr=3e-3, seed=0)))
+_add(ZooSpec("digits-cnn", Recipe("digits", "train", "test", epochs=15, batch_size=64, optimizer="adam", lr=3e-3, seed=1)))
 _add(
     ZooSpec(
-        name="digits-mlp",
-        build=_digits_mlp,
-        architecture="MLP 64-128-10 (ReLU), normalization inside",
-        input_shape=(1, 8, 8),
-        recipe=Recipe("digits", "train", "test", epochs=30, batch_size=64, optimizer="adam", lr=3e-3, seed=0),
-        mean=DIGITS_MEAN,
-        std=DIGITS_STD,
-    )
-)
-_add(
-    ZooSpec(
-        name="digits-cnn",
-        build=_digits_cnn,
-        architecture="CNN conv3x3(16)-conv3x3(32)-maxpool-fc64-fc10 (ReLU), normalization inside",
-        input_shape=(1, 8, 8),
-        recipe=Recipe("digits", "train", "test", epochs=15, batch_size=64, optimizer="adam", lr=3e-3, seed=1),
-        mean=DIGITS_MEAN,
-        std=DIGITS_STD,
-    )
-)
-_add(
-    ZooSpec(
-        name="mnist-cnn",
-        build=_mnist_cnn,
-        architecture="LeNet-like CNN conv5x5(16)-pool-conv5x5(32)-pool-fc128-fc10 (ReLU), normalization inside",
-        input_shape=(1, 28, 28),
-        recipe=Recipe(
-            "mnist", "test-train", "test-eval", epochs=4, batch_size=64, optimizer="adam", lr=2e-3,
-            schedule="onecycle", augmentation="shift-2", seed=0,
-        ),
-        full_recipe=Recipe(
-            "mnist", "train", "test", epochs=2, batch_size=128, optimizer="adam", lr=2e-3,
-            schedule="onecycle", augmentation="none", seed=0,
-        ),
+        "mnist-cnn",
+        Recipe("mnist", "test-train", "test-eval", epochs=4, batch_size=64, optimizer="adam", lr=2e-3,
+               schedule="onecycle", augmentation="shift-2", seed=0),
+        full_recipe=Recipe("mnist", "train", "test", epochs=2, batch_size=128, optimizer="adam", lr=2e-3,
+                           schedule="onecycle", augmentation="none", seed=0),
         full_available=_mnist_train_files_present,
-        mean=MNIST_MEAN,
-        std=MNIST_STD,
         data_note=(
             "MNIST training files not found: trained on 'test-train' (8,000 of the 10,000 official test images) "
             "and evaluated on 'test-eval' (the other 2,000); never attack it on 'test' or 'test-train'"
@@ -309,16 +203,9 @@ _add(
 )
 _add(
     ZooSpec(
-        name="cifar10-cnn",
-        build=_cifar10_cnn,
-        architecture="CNN 3x[conv3x3-BN-ReLU-maxpool] (16, 32, 64 channels)-fc10, normalization inside",
-        input_shape=(3, 32, 32),
-        recipe=Recipe(
-            "cifar10", "train", "test", epochs=5, batch_size=128, optimizer="adamw", lr=1e-2, weight_decay=5e-4,
-            schedule="onecycle", augmentation="crop-4+hflip", seed=0,
-        ),
-        mean=CIFAR10_MEAN,
-        std=CIFAR10_STD,
+        "cifar10-cnn",
+        Recipe("cifar10", "train", "test", epochs=5, batch_size=128, optimizer="adamw", lr=1e-2, weight_decay=5e-4,
+               schedule="onecycle", augmentation="crop-4+hflip", seed=0),
     )
 )
 
@@ -333,8 +220,6 @@ def get_spec(name: str) -> ZooSpec:
     try:
         return ZOO[name]
     except KeyError:
-        import difflib
-
         close = difflib.get_close_matches(name, list(ZOO), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise UnknownNameError(f"unknown zoo model {name!r}{hint} (available: {', '.join(zoo_names())})") from None
@@ -352,7 +237,7 @@ def recipe_hash(name: str, recipe: Recipe) -> str:
     """12 hex digits of SHA-256 over the model name, its architecture version and the recipe."""
     spec = get_spec(name)
     blob = json.dumps(
-        {"name": name, "arch_version": spec.arch_version, "recipe": recipe.to_dict()}, sort_keys=True
+        {"name": name, "arch_version": spec.architecture.arch_version, "recipe": recipe.to_dict()}, sort_keys=True
     ).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -369,8 +254,6 @@ def use_shipped() -> bool:
 
 def models_dir() -> Path:
     """``cache_dir()/models``, where zoo weights and cards trained here are kept."""
-    from advbench.data.paths import cache_dir
-
     return cache_dir() / "models"
 
 
@@ -392,12 +275,9 @@ def card_path(name: str, root: str | None = None) -> Path:
 
 
 def build(name: str, *, seed: int | None = None) -> nn.Module:
-    """A freshly initialized (untrained) ``name``, in eval mode; ``seed`` fixes the initialization."""
-    spec = get_spec(name)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.recipe.seed if seed is None else seed)
-        model = spec.build()
-    return model.eval()
+    """A freshly initialized (untrained) ``name``, in eval mode; ``seed`` (default: the recipe's)
+    fixes the initialization."""
+    return architectures.build(name, seed=get_spec(name).recipe.seed if seed is None else seed)
 
 
 def load_zoo_model(name: str, pretrained: bool = True, root: str | None = None) -> nn.Module:
@@ -494,7 +374,7 @@ def _read_entry(name: str, recipe: Recipe, pt: Path, *, load_weights: bool) -> t
         if not load_weights:
             return None, card
         state = torch.load(pt, map_location="cpu", weights_only=True)
-        model = get_spec(name).build()
+        model = architectures.build(name)
         model.load_state_dict(state)
     except Exception as exc:  # noqa: BLE001 - any damage to the cache means: train again
         warnings.warn(
@@ -518,123 +398,47 @@ def _save(name: str, model: nn.Module, card: ModelCard) -> None:
 # ---------------------------------------------------------------------------- training
 def _load_split(recipe: Recipe, split: str, root: str | None) -> ImageData:
     """The data set split a recipe names (``root`` is passed to loaders that take one)."""
-    import inspect
-
-    import advbench.data  # noqa: F401  (registers the built-in data sets)
-
-    entry = DATASETS.get(recipe.dataset)
-
     params: dict[str, Any] = {"split": split}
-    if root is not None and "root" in inspect.signature(entry.factory).parameters:
+    if root is not None and "root" in inspect.signature(DATASETS.get(recipe.dataset).factory).parameters:
         params["root"] = root
     return DATASETS.create(recipe.dataset, **params)
 
 
-@contextlib.contextmanager
-def num_threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op thread count set to ``n`` for the block (None or the current count:
-    unchanged), then restored."""
-    if n is None or n == torch.get_num_threads():
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def augment(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
-    if kind == "none":
-        return x
-    n, c, h, w = x.shape
-    if kind == "shift-2":
-        pad, flip = 2, False
-    else:  # crop-4+hflip
-        pad, flip = 4, True
-    if flip:
-        mask = torch.rand(n, generator=g) < 0.5
-        x = torch.where(mask[:, None, None, None], x.flip(3), x)
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect" if flip else "constant")
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
-    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
-    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
-
-
-def one_cycle(total: int, warmup: float = 0.25, start: float = 0.04, end: float = 1e-3) -> Callable[[int], float]:
-    """LR factor per step: linear warm-up from ``start`` to 1 over ``warmup`` of the steps, then cosine to ``end``."""
-    up = max(1, int(total * warmup))
-
-    def factor(step: int) -> float:
-        if step < up:
-            return start + (1 - start) * step / up
-        t = min(1.0, (step - up) / max(1, total - up))
-        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return factor
-
-
-def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    params = model.parameters()
-    if recipe.optimizer == "adam":
-        return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    if recipe.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    return torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay)
+def train_config(name: str, recipe: Recipe) -> TrainConfig:
+    """The zoo recipe as a train config: the ``plain`` recipe with its optimizer, schedule and
+    augmentation, one thread (the loop is the one ``advbench train`` runs)."""
+    return TrainConfig.model_validate({
+        "name": f"zoo-{name}", "architecture": name,
+        "data": {"name": recipe.dataset, "split": recipe.train_split}, "eval": {"split": recipe.eval_split},
+        "recipe": "plain", "epochs": recipe.epochs, "batch_size": recipe.batch_size, "optimizer": recipe.optimizer,
+        "lr": recipe.lr, "weight_decay": recipe.weight_decay, "schedule": recipe.schedule,
+        "augmentation": recipe.augmentation, "seed": recipe.seed, "threads": get_spec(name).train_threads,
+    })
 
 
 def _train(name: str, recipe: Recipe, note: str, root: str | None) -> tuple[nn.Module, ModelCard]:
     spec = get_spec(name)
+    arch = spec.architecture
     train = _load_split(recipe, recipe.train_split, root)
     evaluation = _load_split(recipe, recipe.eval_split, root)
-    if train.input_shape != spec.input_shape or evaluation.input_shape != spec.input_shape:
-        raise DataError(
-            f"{name} takes {spec.input_shape} inputs but {recipe.dataset} gives {train.input_shape}"
-        )
+    if train.input_shape != arch.input_shape or evaluation.input_shape != arch.input_shape:
+        raise DataError(f"{name} takes {arch.input_shape} inputs but {recipe.dataset} gives {train.input_shape}")
     x, y = train.x, train.y
     if recipe.train_limit is not None:
         x, y = x[: recipe.train_limit], y[: recipe.train_limit]
-    channels_last = len(spec.input_shape) == 3 and spec.input_shape[0] == 3
-    start = time.perf_counter()
-    with num_threads(spec.train_threads), torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched
-        torch.manual_seed(recipe.seed)
-        model = spec.build()
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        g = torch.Generator().manual_seed(recipe.seed)
-        opt = make_optimizer(model, recipe)
-        steps_per_epoch = (len(x) + recipe.batch_size - 1) // recipe.batch_size
-        sched = (
-            torch.optim.lr_scheduler.LambdaLR(opt, one_cycle(recipe.epochs * steps_per_epoch))
-            if recipe.schedule == "onecycle"
-            else None
-        )
-        model.train()
-        for _ in range(recipe.epochs):
-            perm = torch.randperm(len(x), generator=g)
-            for idx in perm.split(recipe.batch_size):
-                xb = augment(x[idx], recipe.augmentation, g)
-                if channels_last:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(xb), y[idx]).backward()
-                opt.step()
-                if sched is not None:
-                    sched.step()
-        model.eval()
-        if channels_last:
-            model = model.to(memory_format=torch.contiguous_format)
-        seconds = time.perf_counter() - start
+    config = train_config(name, recipe)
+    with num_threads(spec.train_threads), torch.random.fork_rng(devices=[]), \
+            tempfile.TemporaryDirectory(prefix="advbench-zoo-") as tmp:  # leave the caller's RNG untouched
+        loop = run_loop(config, make_recipe("plain", {}), x, y, Path(tmp) / "checkpoint.pt",
+                        device=torch.device("cpu"), progress=False)
+        model = loop.model.eval()
         correct, total = evaluate_accuracy(model, evaluation)
     h = recipe_hash(name, recipe)
     card = ModelCard(
         name=name,
-        architecture=spec.architecture,
-        input_shape=spec.input_shape,
-        num_classes=spec.num_classes,
+        architecture=arch.description,
+        input_shape=arch.input_shape,
+        num_classes=arch.num_classes,
         dataset=recipe.dataset,
         train_split=recipe.train_split,
         train_size=int(len(x)),
@@ -648,10 +452,10 @@ def _train(name: str, recipe: Recipe, note: str, root: str | None) -> tuple[nn.M
         param_count=count_parameters(model),
         torch_version=torch.__version__,
         num_threads=spec.train_threads,
-        train_seconds=round(seconds, 3),
+        train_seconds=round(loop.seconds, 3),
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         weights_file=f"{name}-{h}.pt",
-        normalization={"mean": list(spec.mean), "std": list(spec.std)},
+        normalization={"mean": list(arch.mean), "std": list(arch.std)},
         data_note=note,
     )
     return model, card
@@ -667,8 +471,8 @@ def _make_factory(name: str) -> Callable[..., nn.Module]:
     factory.__name__ = name.replace("-", "_")
     factory.__qualname__ = factory.__name__
     factory.__doc__ = (
-        f"{spec.architecture}; {'x'.join(map(str, spec.input_shape))} input in [0, 1], 10 classes; "
-        f"trained on {spec.recipe.dataset} on first use and cached."
+        f"{spec.architecture.description}; {'x'.join(map(str, spec.input_shape))} input in [0, 1], 10 classes; "
+        f"trained on {spec.recipe.dataset} (shipped, or trained on first use and cached)."
     )
     return factory
 
@@ -679,8 +483,8 @@ for _name, _spec in ZOO.items():
             _name,
             _make_factory(_name),
             description=(
-                f"{_spec.architecture} ({'x'.join(map(str, _spec.input_shape))}, {_spec.recipe.dataset}; "
-                f"trained on first use, cached)"
+                f"{_spec.architecture.description} ({'x'.join(map(str, _spec.input_shape))}, {_spec.recipe.dataset}; "
+                f"shipped trained)"
             ),
         )
 
@@ -697,6 +501,8 @@ __all__ = [
     "model_card",
     "recipe_hash",
     "select_recipe",
+    "shipped_path",
+    "train_config",
     "train_zoo_model",
     "verify_recipe",
     "weights_path",

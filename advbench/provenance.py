@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from advbench.errors import ConfigError
+
 PACKAGES = ("advbench", "torch", "torchvision", "numpy", "scipy", "pandas", "scikit-learn", "timm", "robustbench", "pydantic")
 
 
@@ -24,8 +26,7 @@ def versions() -> dict[str, str | None]:
 
 
 def resolve_device(name: str) -> torch.device:
-    from advbench.errors import ConfigError
-
+    """The torch device a config's ``device`` names (``auto``: CUDA when there is one)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)

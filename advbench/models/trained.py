@@ -1,4 +1,4 @@
-"""Where trained models live, and loading them by name.
+"""Where trained models live, and reading them by name (``advbench train`` writes them).
 
 ``<ADVBENCH_CACHE>/trained/<name>/`` holds:
 
@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
+from advbench.data.paths import cache_dir
 from advbench.errors import ConfigError, DataError
-from advbench.files import atomic_write, check_name
+from advbench.files import check_name
+from advbench.models.architectures import classifier_of, rebuild
 
 WEIGHTS, DESCRIPTION, CONFIG, CARD, CHECKPOINT, LOCK = (
     "model.pt", "model.json", "config.yaml", "card.json", "checkpoint.pt", ".lock",
@@ -35,34 +36,12 @@ WEIGHTS, DESCRIPTION, CONFIG, CARD, CHECKPOINT, LOCK = (
 
 def trained_root() -> Path:
     """``cache_dir()/trained``."""
-    from advbench.data.paths import cache_dir
-
     return cache_dir() / "trained"
 
 
 def trained_dir(name: str) -> Path:
     """The folder of the trained model ``name``; a name that would leave the store is refused."""
     return trained_root() / check_name(name, "trained model name")
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
-
-
-def save_tensors(path: Path, obj: Any) -> None:
-    """``torch.save`` atomically."""
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def save_trained(folder: Path, classifier: nn.Module, description: dict[str, Any], config: dict[str, Any],
-                 card: dict[str, Any]) -> None:
-    """Write a finished model: weights, description, config, and the card last."""
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().clone() for k, v in classifier.state_dict().items()}
-    save_tensors(folder / WEIGHTS, state)
-    write_bytes(folder / DESCRIPTION, (json.dumps(description, indent=2, sort_keys=True) + "\n").encode())
-    write_bytes(folder / CONFIG, yaml.safe_dump(config, sort_keys=False).encode())
-    write_bytes(folder / CARD, (json.dumps(card, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_card(name: str) -> dict[str, Any] | None:
@@ -81,8 +60,6 @@ def load_trained(name: str, map_location: str | torch.device = "cpu") -> nn.Modu
 
     Raises a one-line ConfigError naming the command to run when it is missing.
     """
-    from advbench.training.architectures import classifier_of, rebuild
-
     folder = trained_dir(name)
     card = read_card(name)
     if card is None:
