@@ -29,7 +29,6 @@ without rerunning the attack, so one run serves a whole eps sweep.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from torch import nn
 from advbench.access import Handle, WhiteBoxModel, handle_for
 from advbench.audit import AuditReport, audit, goal_met
 from advbench.errors import ConfigError, ModelOutputError, QueryBudgetExceeded, UnsupportedThreatError
+from advbench.params import Configurable
 from advbench.tensors import frozen, rows
 from advbench.threat import Knowledge, Norm, Targeting, ThreatModel
 
@@ -86,8 +86,11 @@ def _describe(values: frozenset[Any]) -> str:
     return ", ".join(sorted(v.value for v in values))
 
 
-class Attack(ABC):
-    """Base class of every attack. Hyperparameters are keyword-only constructor arguments."""
+class Attack(Configurable, ABC):
+    """Base class of every attack. Hyperparameters are declared once, in a nested ``Params`` class
+    (:mod:`advbench.params`), and given as keyword arguments to the constructor."""
+
+    plugin_kind: ClassVar[str] = "attack"
 
     name: ClassVar[str] = "attack"
     #: whether the output depends on the generator (beyond randomly drawn targets); None: unknown
@@ -103,15 +106,6 @@ class Attack(ABC):
     kind: ClassVar[str] = "other"
 
     # ------------------------------------------------------------------ config
-    def params(self) -> dict[str, Any]:
-        """The constructor arguments, read back from attributes of the same name."""
-        sig = inspect.signature(type(self).__init__)
-        return {p: getattr(self, p) for p in sig.parameters if p != "self" and hasattr(self, p)}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{type(self).__name__}({args})"
-
     def supports(self, threat: ThreatModel) -> str | None:
         """None when the attack can run under ``threat``, else the reason it cannot."""
         if threat.norm not in self.norms:

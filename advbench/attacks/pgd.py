@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import math
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import model_validator
 
 from advbench.access import Handle
 from advbench.attacks.base import GradientAttack, white_box
 from advbench.tensors import rand_like, randn_like
-from advbench.attacks.losses import LOSSES, ascend_l2, ascend_linf, linf_box, objective, per_example_objective
+from advbench.attacks.losses import ascend_l2, ascend_linf, linf_box, objective, per_example_objective
 from advbench.audit import goal_met
-from advbench.errors import ConfigError
+from advbench import params
 from advbench.registry import ATTACKS
 from advbench.threat import Norm, Targeting, ThreatModel
 
@@ -37,35 +37,18 @@ class PGD(GradientAttack):
     targeting: ClassVar[frozenset[Targeting]] = frozenset(Targeting)
     kind: ClassVar[str] = "iterative"
 
-    def __init__(
-        self,
-        *,
-        steps: int = 40,
-        step_size: float | None = None,
-        random_start: bool = True,
-        restarts: int = 1,
-        loss: str = "ce",
-    ) -> None:
-        super().__init__()
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ConfigError(f"steps must be a whole number >= 1, got {steps!r}")
-        if step_size is not None and (
-            isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not 0 < step_size < math.inf
-        ):
-            raise ConfigError(f"step_size must be a finite number > 0 (or None for 2.5 * eps / steps), got {step_size!r}")
-        if not isinstance(random_start, bool):
-            raise ConfigError(f"random_start must be true or false, got {random_start!r}")
-        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-            raise ConfigError(f"restarts must be a whole number >= 1, got {restarts!r}")
-        if restarts > 1 and not random_start:
-            raise ConfigError("restarts > 1 needs random_start=True (every restart would repeat the first)")
-        if loss not in LOSSES:
-            raise ConfigError(f"unknown loss {loss!r}; allowed: {', '.join(LOSSES)}")
-        self.steps = steps
-        self.step_size = None if step_size is None else float(step_size)
-        self.random_start = random_start
-        self.restarts = restarts
-        self.loss = loss
+    class Params(params.Params):
+        steps: params.Count = 40
+        step_size: params.PositiveNumber | None = None  # None: 2.5 * eps / steps
+        random_start: bool = True
+        restarts: params.Count = 1
+        loss: Literal["ce", "margin"] = "ce"
+
+        @model_validator(mode="after")
+        def _restarts_need_random_starts(self) -> PGD.Params:
+            if self.restarts > 1 and not self.random_start:
+                raise ValueError("restarts > 1 needs random_start=True (every restart would repeat the first)")
+            return self
 
     @property
     def randomized(self) -> bool:
