@@ -1,7 +1,7 @@
 """The ``advbench`` command line.
 
     advbench evaluate [CONFIG.yaml] [--out DIR] [--save-adversarial] [--device D]
-    advbench list attacks|defenses|models|datasets|traversals|transformations [PATTERN]
+    advbench list attacks|defenses|models|datasets|traversals|transformations|recipes [PATTERN]
     advbench config            # print the embedded default config
     advbench blindspots [CONFIG.yaml] [--out DIR]   # Level Set Traversal blind-spot analysis
     advbench train CONFIG.yaml [--out NAME] [--device D] [--quiet]   # train a (defended) model
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "large ones; OMP_NUM_THREADS also fixes it); results do not depend on it")
 
     ls = sub.add_parser("list", help="list registered attacks, defenses, models or data sets")
-    ls.add_argument("kind", choices=["attacks", "defenses", "models", "datasets", "traversals", "transformations"])
+    ls.add_argument("kind", choices=["attacks", "defenses", "models", "datasets", "traversals", "transformations", "recipes"])
     ls.add_argument("pattern", nargs="?", default="*", help="glob pattern, e.g. 'pgd*'")
 
     sub.add_parser("config", help="print the embedded default config (a starting point for your own)")

@@ -6,6 +6,9 @@ its message as one ``error: ...`` line and exits with code 2, never a traceback.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class AdvbenchError(Exception):
     """Base class: a problem with the user's input, config, files or models."""
@@ -20,6 +23,14 @@ class UnknownNameError(AdvbenchError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+def unknown_name(what: str, name: str, names: Iterable[str]) -> UnknownNameError:
+    """The error for a name that is not among ``names``: close matches first, then every name."""
+    names = sorted(names)
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return UnknownNameError(f"unknown {what} {name!r}{hint} (available: {', '.join(names) if names else 'none'})")
 
 
 class DuplicateNameError(AdvbenchError, ValueError):

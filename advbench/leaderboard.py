@@ -47,6 +47,7 @@ from advbench.errors import ConfigError
 from advbench.eval.evaluator import evaluate
 from advbench.eval.tables import WORST_CASE, is_worst_case
 from advbench.files import atomic_write_text
+from advbench.params import check_number, check_whole
 from advbench.provenance import timestamp
 from advbench.provenance import versions as package_versions
 
@@ -133,10 +134,8 @@ def validate_entry(entry: Any, source: str = "entry") -> dict[str, Any]:
     numbers = {"clean_accuracy": entry["clean_accuracy"], "robust_accuracy": entry["robust_accuracy"],
                **{f"attacks.{k}": v for k, v in entry["attacks"].items()}}
     for field, value in numbers.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise ConfigError(f"{source}: {field} must be a number in [0, 1], got {value!r}")
-    if isinstance(entry["n"], bool) or not isinstance(entry["n"], int):
-        raise ConfigError(f"{source}: n must be an integer, got {entry['n']!r}")
+        check_number(value, f"{source}: {field}", low=0, high=1)
+    check_whole(entry["n"], f"{source}: n", 0)
     return entry
 
 

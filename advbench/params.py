@@ -22,6 +22,7 @@ is finite.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Annotated, Any, ClassVar
 
@@ -51,16 +52,18 @@ def _fraction(value: Any) -> Any:
 Count = Annotated[int, Field(strict=True, ge=1)]
 #: a whole number >= 0
 Natural = Annotated[int, Field(strict=True, ge=0)]
-#: a finite number > 0
-PositiveNumber = Annotated[float, BeforeValidator(_no_bool), Field(gt=0, allow_inf_nan=False)]
+#: a finite number > 0 (an int or a float; not a string, not a boolean)
+PositiveNumber = Annotated[float, BeforeValidator(_no_bool), Field(strict=True, gt=0, allow_inf_nan=False)]
 #: a finite number >= 0
-NonNegativeNumber = Annotated[float, BeforeValidator(_no_bool), Field(ge=0, allow_inf_nan=False)]
+NonNegativeNumber = Annotated[float, BeforeValidator(_no_bool), Field(strict=True, ge=0, allow_inf_nan=False)]
 #: a finite number
-Number = Annotated[float, BeforeValidator(_no_bool), Field(allow_inf_nan=False)]
+Number = Annotated[float, BeforeValidator(_no_bool), Field(strict=True, allow_inf_nan=False)]
 #: a number in [0, 1]
-UnitInterval = Annotated[float, BeforeValidator(_no_bool), Field(ge=0, le=1)]
+UnitInterval = Annotated[float, BeforeValidator(_no_bool), Field(strict=True, ge=0, le=1)]
 #: a finite number > 0, also written as a fraction ("8/255")
-Budget = Annotated[float, BeforeValidator(_fraction), Field(gt=0, allow_inf_nan=False)]
+Budget = Annotated[float, BeforeValidator(_fraction), Field(strict=True, gt=0, allow_inf_nan=False)]
+#: true or false (not 1, not "yes")
+Flag = Annotated[bool, Field(strict=True)]
 
 
 class Params(BaseModel):
@@ -104,22 +107,48 @@ class Configurable:
     Params: ClassVar[type[Params]] = Params
     plugin_kind: ClassVar[str] = "plugin"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Give the class the signature its Params declare (keyword-only, with the defaults), so
+        ``help()``, ``inspect.signature`` and editors show the real parameters."""
+        super().__init_subclass__(**kwargs)
+        if _declares_own_init(cls):  # a plugin with a constructor of its own keeps its signature
+            cls.__signature__ = None  # type: ignore[attr-defined]  (not the Params-made one it inherits)
+            return
+        fields = getattr(cls, "Params", Params).model_fields
+        cls.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+            inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY,
+                              default=inspect.Parameter.empty if f.is_required() else f.default)
+            for k, f in fields.items()
+        ])
+
     def __init__(self, **values: Any) -> None:
         self.p = validate(type(self), values, self.plugin_kind)
         for field in type(self.p).model_fields:
-            setattr(self, field, getattr(self.p, field))
+            if not hasattr(type(self), field):  # a method or property of that name reads self.p itself
+                setattr(self, field, getattr(self.p, field))
         self.setup()
 
     def setup(self) -> None:
         """Work the validated parameters call for (derived values, inner plugins); none by default."""
 
     def params(self) -> dict[str, Any]:
-        """The validated parameters, by name."""
-        return {k: getattr(self.p, k) for k in type(self.p).model_fields}
+        """The validated parameters, by name (a plugin written with a constructor of its own, that
+        keeps its arguments as attributes, is read back through that constructor's signature)."""
+        p = self.__dict__.get("p")
+        if isinstance(p, Params) and not _declares_own_init(type(self)):
+            return {k: getattr(p, k) for k in type(p).model_fields}
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
+        return {n: getattr(self, n) for n in names if hasattr(self, n)}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({args})"
+
+
+def _declares_own_init(cls: type) -> bool:
+    """Whether ``cls`` (or a class between it and Configurable) writes its own constructor."""
+    owner = next(c for c in cls.__mro__ if "__init__" in c.__dict__)
+    return owner is not Configurable
 
 
 def check_whole(value: Any, what: str, minimum: int | None = None) -> int:
@@ -140,8 +169,13 @@ def check_number(value: Any, what: str, *, low: float | None = None, high: float
     if ok and high is not None:
         ok = value < high if high_open else value <= high
     if not ok:
-        lo = "" if low is None else f"{'(' if low_open else '['}{low:g}"
-        hi = "" if high is None else f"{high:g}{')' if high_open else ']'}"
-        span = f" in {lo or '(-inf'}, {hi or 'inf)'}" if (low is not None or high is not None) else ""
+        if low is not None and high is not None:
+            span = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            span = f" {'>' if low_open else '>='} {low:g}"
+        elif high is not None:
+            span = f" {'<' if high_open else '<='} {high:g}"
+        else:
+            span = ""
         raise ConfigError(f"{what} must be a finite number{span}, got {value!r}")
     return float(value)

@@ -20,7 +20,6 @@ registered already.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import importlib.metadata as importlib_metadata
 import inspect
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Generic, TypeVar
 
-from advbench.errors import ConfigError, DuplicateNameError, UnknownNameError
+from advbench.errors import ConfigError, DuplicateNameError, unknown_name
 
 T = TypeVar("T")
 
@@ -108,7 +107,7 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise UnknownNameError(self._unknown_message(name)) from None
+            raise unknown_name(self.kind, name, self._entries) from None
 
     def create(self, name: str, **params: Any) -> T:
         """Build the entry ``name`` with ``params``; a bad parameter is a :class:`ConfigError`."""
@@ -123,15 +122,6 @@ class Registry(Generic[T]):
 
     def entries(self, pattern: str = "*") -> list[Entry[T]]:
         return [self._entries[n] for n in self.list(pattern)]
-
-    def _unknown_message(self, name: str) -> str:
-        names = sorted(self._entries)
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-        msg = f"unknown {self.kind} {name!r}"
-        if close:
-            msg += f"; did you mean {', '.join(repr(c) for c in close)}?"
-        msg += f" (available: {', '.join(names) if names else 'none'})"
-        return msg
 
     # ------------------------------------------------------------------ plugins
     def _ensure_plugins(self) -> None:
@@ -177,7 +167,8 @@ def _qualname(obj: object) -> str:
 
 
 def _check_params(kind: str, name: str, factory: Callable[..., Any], params: dict[str, Any]) -> None:
-    """Reject unknown keyword arguments with the list of accepted ones, before calling."""
+    """Reject unknown keyword arguments with the list of accepted ones, before calling (the same
+    one line a plugin's ``Params`` class gives; its signature lists the Params fields)."""
     try:
         sig = inspect.signature(factory)
     except (TypeError, ValueError):
@@ -189,7 +180,7 @@ def _check_params(kind: str, name: str, factory: Callable[..., Any], params: dic
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ConfigError(
-            f"{kind} {name!r} got unknown parameter(s) {', '.join(unknown)}; "
+            f"{kind} {name!r}: unknown parameter(s) {', '.join(unknown)}; "
             f"allowed: {', '.join(accepted) if accepted else 'none'}"
         )
 
@@ -201,6 +192,8 @@ DATASETS: Registry[Any] = Registry("dataset", "advbench.datasets")
 #: level-set traversals (blind-spot analyses): they map a (source, target) image pair to an image
 #: the model still gives the source class, so they are not attacks with a threat model
 TRAVERSALS: Registry[Any] = Registry("traversal", "advbench.traversals")
+#: training recipes (advbench.training.recipes): what one training batch costs the model
+RECIPES: Registry[Any] = Registry("recipe", "advbench.recipes")
 #: image transformations T(x) of the destruction rate (Kurakin et al. 2016): JPEG, blur, noise, ...
 #: (advbench.analysis.transformations); not defenses, they are applied to stored adversarial examples
 TRANSFORMATIONS: Registry[Any] = Registry("transformation", "advbench.transformations")
@@ -211,5 +204,6 @@ REGISTRIES: dict[str, Registry[Any]] = {
     "models": MODELS,
     "datasets": DATASETS,
     "traversals": TRAVERSALS,
+    "recipes": RECIPES,
     "transformations": TRANSFORMATIONS,
 }

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from advbench.errors import ConfigError
+from advbench.params import check_number, check_whole
 
 class Norm(str, Enum):
     LINF = "linf"
@@ -92,13 +93,10 @@ class ThreatModel:
         set_(self, "norm", _enum(Norm, self.norm, "norm"))
         set_(self, "targeting", _enum(Targeting, self.targeting, "targeting"))
         set_(self, "knowledge", _enum(Knowledge, self.knowledge, "knowledge"))
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)):
-            raise ConfigError(f"eps must be a number, got {self.eps!r}")
-        eps = float(self.eps)
         if self.norm is Norm.UNBOUNDED:
             eps = math.inf
-        elif not (eps >= 0 and math.isfinite(eps)):
-            raise ConfigError(f"eps must be a finite number >= 0 for norm {self.norm.value}, got {self.eps!r}")
+        else:
+            eps = check_number(self.eps, f"eps for norm {self.norm.value}", low=0)
         if self.norm is Norm.L0 and eps != int(eps):
             raise ConfigError(f"eps for norm l0 is a whole number of pixels, got {self.eps!r}")
         set_(self, "eps", eps)
@@ -112,15 +110,13 @@ class ThreatModel:
             raise ConfigError(f"eps {eps} exceeds the input range {hi - lo} for norm linf")
         set_(self, "bounds", (lo, hi))
         if self.targeting is Targeting.FIXED:
-            if self.target_class is None or isinstance(self.target_class, bool) or int(self.target_class) < 0:
+            if self.target_class is None:
                 raise ConfigError("targeting 'fixed' needs target_class, a class index >= 0")
-            set_(self, "target_class", int(self.target_class))
+            set_(self, "target_class", check_whole(self.target_class, "target_class (a class index)", 0))
         elif self.target_class is not None:
             raise ConfigError(f"target_class is only allowed with targeting 'fixed', not {self.targeting.value!r}")
         if self.query_budget is not None:
-            if isinstance(self.query_budget, bool) or int(self.query_budget) != self.query_budget or self.query_budget < 1:
-                raise ConfigError(f"query_budget must be a whole number >= 1, got {self.query_budget!r}")
-            set_(self, "query_budget", int(self.query_budget))
+            set_(self, "query_budget", check_whole(self.query_budget, "query_budget", 1))
         if self.quantize not in (None, "8bit"):
             raise ConfigError(f"quantize must be '8bit' or absent, got {self.quantize!r}")
 

@@ -43,7 +43,8 @@ KNOWLEDGE_PREFERENCE = (Knowledge.WHITE_BOX, Knowledge.SCORE_BASED, Knowledge.DE
 
 def make(name: str):
     entry = ATTACKS.get(name)
-    accepted = set(inspect.signature(entry.factory).parameters)
+    schema = getattr(entry.factory, "Params", None)  # a plugin's declared parameters, else its signature's
+    accepted = set(schema.model_fields) if schema is not None else set(inspect.signature(entry.factory).parameters)
     return ATTACKS.create(name, **{k: v for k, v in FAST.get(name, {}).items() if k in accepted})
 
 

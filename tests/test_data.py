@@ -413,7 +413,7 @@ def test_image_folder_errors(tmp_path: Path) -> None:
     assert_one_line(exc, "no class folders")
     with pytest.raises(DataError) as exc:
         load_image_folder(str(tmp_path), size=0)
-    assert_one_line(exc, "size", "positive integer")
+    assert_one_line(exc, "imagefolder size must be a whole number >= 1", "None")
     (tmp_path / "c" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DataError) as exc:
         load_image_folder(str(tmp_path), size=8)

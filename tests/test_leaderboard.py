@@ -138,7 +138,7 @@ def test_entries_are_numbers_and_the_schema_round_trips():
 
 def test_validate_entry_rejects_strings_for_numbers():
     e = next(iter(lb.load_entries(REAL).values()))
-    with pytest.raises(lb.ConfigError, match="robust_accuracy must be a number"):
+    with pytest.raises(lb.ConfigError, match="robust_accuracy must be a finite number in \\[0, 1\\]"):
         lb.validate_entry({**e, "robust_accuracy": "0.5"})
     with pytest.raises(lb.ConfigError, match="missing field"):
         lb.validate_entry({k: v for k, v in e.items() if k != "config_hash"})

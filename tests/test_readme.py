@@ -6,9 +6,11 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from advbench import ATTACKS, ThreatModel
+from advbench.errors import ConfigError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -37,6 +39,12 @@ def test_readme_plugin_example_registers_through_an_entry_point(tmp_path, monkey
         assert "uniform-noise" in ATTACKS.list()
         assert ATTACKS.get("uniform-noise").source == "plugin:uniform-noise"
         attack = ATTACKS.create("uniform-noise")
+        assert attack.params() == {"tries": 1} and attack.tries == 1
+        # the Params class validates for the plugin: through the registry and the constructor alike
+        with pytest.raises(ConfigError, match=r"attack 'uniform-noise': tries: Input should be greater than or equal to 1"):
+            ATTACKS.create("uniform-noise", tries=0)
+        with pytest.raises(ConfigError, match=r"unknown parameter\(s\) trys; allowed: tries"):
+            type(attack)(trys=2)
         threat = ThreatModel(norm="linf", eps=0.1)
         res = attack(digits_mlp, digits_test.x, digits_test.y, threat, generator=torch.Generator().manual_seed(0))
         assert bool(res.valid.all()) and res.n_violations == 0

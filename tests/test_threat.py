@@ -32,9 +32,9 @@ def test_frozen_hashable_and_roundtrip():
     "kwargs, fragment",
     [
         ({"norm": "l3"}, "allowed: linf, l2, l1, l0, unbounded"),
-        ({"eps": -0.1}, "eps must be a finite number >= 0"),
-        ({"eps": "big"}, "eps must be a number"),
-        ({"eps": float("nan")}, "eps must be a finite number"),
+        ({"eps": -0.1}, "eps for norm linf must be a finite number >= 0"),
+        ({"eps": "big"}, "eps for norm linf must be a finite number"),
+        ({"eps": float("nan")}, "must be a finite number"),
         ({"norm": "l0", "eps": 1.5}, "whole number of pixels"),
         ({"eps": 2.0}, "exceeds the input range"),
         ({"bounds": (1, 0)}, "low < high"),

@@ -292,7 +292,7 @@ def test_advbench_train_then_evaluate_by_name(cache, tmp_path, capsys):
         ({"recipe": {"name": "madri", "eps": 0.1}}, "unknown recipe 'madri'"),
         ({"recipe": {"name": "madry", "eps": -1}}, "recipe 'madry': eps: eps must lie in (0, 1]"),
         ({"recipe": {"name": "madry"}}, "recipe 'madry': eps: Field required"),
-        ({"recipe": {"name": "madry", "eps": 0.1, "stpes": 3}}, "stpes: unknown field"),
+        ({"recipe": {"name": "madry", "eps": 0.1, "stpes": 3}}, "unknown parameter(s) stpes; allowed: eps, steps"),
         ({"recipe": {"name": "thermometer", "adversarial": True}}, "adversarial: true needs eps"),
         ({"eval": {"split": "test"}}, "eval.eps is needed"),
         ({"eval": {"split": "train", "eps": 0.1}}, "overlaps the training split"),

@@ -32,6 +32,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from advbench import params
 from advbench.analysis.transformations import Transformation, make_transformation
 from advbench.errors import ConfigError
 
@@ -41,9 +42,7 @@ CASES = ("average", "prefiltered")
 
 
 def _check_k(k: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"top-k must be a positive whole number, got {k!r}")
-    return k
+    return params.check_whole(k, "top-k", 1)
 
 
 @dataclass(frozen=True)
@@ -56,9 +55,7 @@ class Prefilter:
     topk: tuple[int, ...] = (1, 5)
 
     def __post_init__(self) -> None:
-        c = self.confidence
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0.0 <= c <= 1.0:
-            raise ConfigError(f"prefilter confidence must be a number in [0, 1], got {c!r}")
+        params.check_number(self.confidence, "prefilter confidence", low=0.0, high=1.0)
         for k in self.topk:
             _check_k(k)
 

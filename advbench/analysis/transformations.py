@@ -26,47 +26,38 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 
+from advbench import params
 from advbench.defenses.transforms import JPEG as _JPEGDefense
-from advbench.defenses.transforms import BitDepth, _whole
+from advbench.defenses.transforms import BitDepth, Quality
 from advbench.errors import ConfigError
 from advbench.registry import TRANSFORMATIONS
 
-
-def _number(name: str, value: float, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
-        raise ConfigError(f"{name} must be a number in [{low}, {high}], got {value!r}")
-    return float(value)
-
-
-def _integer(name: str, value: int, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-    return value
+# The parameter types, shared by a transformation and the ``photo`` chain that holds it. Numbers
+# are strict (a string such as "0.5" is refused, not parsed).
+_strict = Field(strict=True)
+Sigma = Annotated[params.NonNegativeNumber, _strict, Field(le=10)]
+Std = Annotated[params.UnitInterval, _strict]
+Delta = Annotated[params.Number, _strict, Field(ge=-1, le=1)]
+Factor = Annotated[params.NonNegativeNumber, _strict, Field(le=10)]
+Degrees = Annotated[params.Number, _strict, Field(ge=-180, le=180)]
+Shift = Annotated[int, Field(strict=True, ge=-64, le=64)]
 
 
-_PADDINGS = ("border", "zeros", "reflection")
+class Transformation(params.Configurable):
+    """A parameterized, batched map of NCHW images in [0, 1]; call it as ``t(x, generator)``.
 
+    Parameters are declared once, as a nested ``Params`` class (:mod:`advbench.params`);
+    ``params()`` reads them back, in their declared order (the order of the label)."""
 
-def _padding(value: str) -> str:
-    if value not in _PADDINGS:
-        raise ConfigError(f"padding must be one of {', '.join(_PADDINGS)}, got {value!r}")
-    return value
-
-
-class Transformation:
-    """A parameterized, batched map of NCHW images in [0, 1]; call it as ``t(x, generator)``."""
-
+    plugin_kind: ClassVar[str] = "transformation"
     name: ClassVar[str] = ""
     random: ClassVar[bool] = False  # draws from the generator
-
-    def params(self) -> dict[str, Any]:
-        """The constructor parameters (for labels and stored results)."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
     def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError
@@ -102,9 +93,11 @@ class JPEG(Transformation):
     8-bit rounding, then Pillow (libjpeg) with 4:2:0 chroma subsampling for RGB. Kurakin et
     al. use qualities 10 to 90 (their "JPEG encoding" rows)."""
 
-    def __init__(self, *, quality: int = 75) -> None:
-        self.quality = _whole("quality", quality, 1, 100)
-        self._codec = _JPEGDefense(quality=quality)
+    class Params(params.Params):
+        quality: Quality = 75
+
+    def setup(self) -> None:
+        self._codec = _JPEGDefense(quality=self.quality)
 
     def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         return self._codec.transform(x)
@@ -114,7 +107,7 @@ class JPEG(Transformation):
 class Quantize8(Transformation):
     """x' = round(255 x) / 255, what saving as an 8-bit image (PNG) does."""
 
-    def __init__(self) -> None:
+    def setup(self) -> None:
         self._bits = BitDepth(bits=8)
 
     def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -130,8 +123,8 @@ class Blur(Transformation):
     identity.
     """
 
-    def __init__(self, *, sigma: float = 1.0) -> None:
-        self.sigma = _number("sigma", sigma, 0.0, 10.0)
+    class Params(params.Params):
+        sigma: Sigma = 1.0
 
     def kernel(self) -> torch.Tensor:
         radius = math.ceil(3 * self.sigma)
@@ -158,8 +151,8 @@ class Noise(Transformation):
 
     random: ClassVar[bool] = True
 
-    def __init__(self, *, std: float = 0.05) -> None:
-        self.std = _number("std", std, 0.0, 1.0)
+    class Params(params.Params):
+        std: Std = 0.05
 
     def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         device = generator.device if generator is not None else x.device
@@ -171,8 +164,8 @@ class Noise(Transformation):
 class Brightness(Transformation):
     """x + delta (``delta`` -1 to 1, default 0.1)."""
 
-    def __init__(self, *, delta: float = 0.1) -> None:
-        self.delta = _number("delta", delta, -1.0, 1.0)
+    class Params(params.Params):
+        delta: Delta = 0.1
 
     def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         return x + self.delta
@@ -183,8 +176,8 @@ class Contrast(Transformation):
     """m + factor (x - m), m each image's mean over channels and pixels (``factor`` 0 to 10,
     default 1.2; below 1 lowers the contrast, 0 gives a flat image at the mean)."""
 
-    def __init__(self, *, factor: float = 1.2) -> None:
-        self.factor = _number("factor", factor, 0.0, 10.0)
+    class Params(params.Params):
+        factor: Factor = 1.2
 
     def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         m = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -200,9 +193,9 @@ class Rotation(Transformation):
     the nearest border pixel (``padding="border"``, default), 0 (``"zeros"``) or a reflection.
     """
 
-    def __init__(self, *, degrees: float = 5.0, padding: str = "border") -> None:
-        self.degrees = _number("degrees", degrees, -180.0, 180.0)
-        self.padding = _padding(padding)
+    class Params(params.Params):
+        degrees: Degrees = 5.0
+        padding: Literal["border", "zeros", "reflection"] = "border"
 
     def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         n, _, h, w = x.shape
@@ -220,12 +213,10 @@ class Translation(Transformation):
     dx 2, dy 0): x'[i, j] = x[i - dy, j - dx]. The uncovered band repeats the border pixel
     (``padding="border"``, default) or is 0 (``"zeros"``)."""
 
-    def __init__(self, *, dx: int = 2, dy: int = 0, padding: str = "border") -> None:
-        self.dx = _integer("dx", dx, -64, 64)
-        self.dy = _integer("dy", dy, -64, 64)
-        if padding not in ("border", "zeros"):
-            raise ConfigError(f"padding must be one of border, zeros, got {padding!r}")
-        self.padding = padding
+    class Params(params.Params):
+        dx: Shift = 2
+        dy: Shift = 0
+        padding: Literal["border", "zeros"] = "border"
 
     def apply(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         _, _, h, w = x.shape
@@ -245,8 +236,8 @@ def _step(spec: Any) -> Transformation:
     if isinstance(spec, str):
         return TRANSFORMATIONS.create(spec)
     if isinstance(spec, Mapping) and isinstance(spec.get("name"), str):
-        params = {k: v for k, v in spec.items() if k != "name"}
-        return TRANSFORMATIONS.create(spec["name"], **params)
+        values = {k: v for k, v in spec.items() if k != "name"}
+        return TRANSFORMATIONS.create(spec["name"], **values)
     raise ConfigError(f"a chain step must be a transformation name, a mapping with 'name', or a Transformation, got {spec!r}")
 
 
@@ -256,10 +247,18 @@ class Chain(Transformation):
     the one generator in turn. A step is a name (``"quantize8"``), a mapping
     (``{"name": "blur", "sigma": 0.5}``) or a :class:`Transformation`."""
 
-    def __init__(self, *, steps: Sequence[Any]) -> None:
-        if isinstance(steps, (str, Mapping)) or not isinstance(steps, Sequence) or not steps:
-            raise ConfigError(f"steps must be a non-empty list of transformations, got {steps!r}")
-        self.steps = [_step(s) for s in steps]
+    class Params(params.Params):
+        steps: Any
+
+        @field_validator("steps")
+        @classmethod
+        def _a_list(cls, steps: Any) -> Any:
+            if isinstance(steps, (str, Mapping)) or not isinstance(steps, Sequence) or not steps:
+                raise ValueError("must be a non-empty list of transformations")
+            return steps
+
+    def setup(self) -> None:
+        self.steps = [_step(s) for s in self.p.steps]
 
     @property
     def random(self) -> bool:  # type: ignore[override]
@@ -289,41 +288,31 @@ class Photo(Chain):
     printer and camera (the paper photographs real prints).
     """
 
-    def __init__(
-        self,
-        *,
-        degrees: float = 1.0,
-        sigma: float = 0.6,
-        factor: float = 0.9,
-        delta: float = 0.03,
-        std: float = 0.02,
-        quality: int = 75,
-    ) -> None:
-        super().__init__(
-            steps=[
-                Rotation(degrees=degrees),
-                Blur(sigma=sigma),
-                Contrast(factor=factor),
-                Brightness(delta=delta),
-                Noise(std=std),
-                JPEG(quality=quality),
-            ]
-        )
+    class Params(params.Params):  # in the order of the steps (and of the label)
+        degrees: Degrees = 1.0
+        sigma: Sigma = 0.6
+        factor: Factor = 0.9
+        delta: Delta = 0.03
+        std: Std = 0.02
+        quality: Quality = 75
+
+    def setup(self) -> None:
+        self.steps = [
+            Rotation(degrees=self.degrees),
+            Blur(sigma=self.sigma),
+            Contrast(factor=self.factor),
+            Brightness(delta=self.delta),
+            Noise(std=self.std),
+            JPEG(quality=self.quality),
+        ]
 
     @property
     def label(self) -> str:
         return Transformation.label.fget(self)  # type: ignore[attr-defined]
 
     def params(self) -> dict[str, Any]:
-        rot, blur, contrast, bright, noise, jpeg = self.steps
-        return {
-            "degrees": rot.degrees,  # type: ignore[attr-defined]
-            "sigma": blur.sigma,  # type: ignore[attr-defined]
-            "factor": contrast.factor,  # type: ignore[attr-defined]
-            "delta": bright.delta,  # type: ignore[attr-defined]
-            "std": noise.std,  # type: ignore[attr-defined]
-            "quality": jpeg.quality,  # type: ignore[attr-defined]
-        }
+        """The six parameters (not the steps' labels, as a plain chain gives)."""
+        return params.Configurable.params(self)
 
 
 def make_transformation(spec: Any) -> Transformation:

@@ -15,7 +15,7 @@ import torch
 from advbench.access import Handle
 from advbench.attacks.base import GradientAttack, white_box
 from advbench.attacks.losses import Objective, ascend_linf, least_likely_objective, linf_box, objective
-from advbench.errors import ConfigError
+from advbench import params
 from advbench.registry import ATTACKS
 from advbench.threat import Norm, Targeting, ThreatModel
 
@@ -28,15 +28,6 @@ def paper_steps(eps_255: float) -> int:
     """
     n = min(eps_255 + 4.0, 1.25 * eps_255)
     return max(1, math.ceil(round(n, 6)))
-
-
-def _check_schedule(steps: int | None, step_size: float | None) -> None:
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ConfigError(f"steps must be a whole number >= 1 (or None for the paper's rule), got {steps!r}")
-    if step_size is not None and (
-        isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not 0 < step_size < math.inf
-    ):
-        raise ConfigError(f"step_size must be a finite number > 0 (or None for 1/255 of the range), got {step_size!r}")
 
 
 @ATTACKS.register("bim", description="Basic iterative method / I-FGSM (Kurakin et al. 2017); linf")
@@ -56,11 +47,9 @@ class BIM(GradientAttack):
     randomized: ClassVar[bool] = False  # the generator only matters through random targets
     kind: ClassVar[str] = "iterative"
 
-    def __init__(self, *, steps: int | None = None, step_size: float | None = None) -> None:
-        super().__init__()
-        _check_schedule(steps, step_size)
-        self.steps = steps
-        self.step_size = None if step_size is None else float(step_size)
+    class Params(params.Params):
+        steps: params.Count | None = None  # None: the paper's min(eps + 4, 1.25 eps)
+        step_size: params.PositiveNumber | None = None  # None: 1/255 of the input range
 
     def schedule(self, threat: ThreatModel) -> tuple[int, float]:
         """(steps, step size) under ``threat``: the given values, or the paper's defaults."""

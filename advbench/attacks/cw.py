@@ -33,9 +33,9 @@ by hand with the distance term and the tanh Jacobian, which also gives l0 its pi
 Cost, in passes per example: l2 at most ``search_steps * steps``; ``abort_early`` ends a problem
 whose loss stalls *before* it finds an adversarial example. A problem that has found one goes on:
 Adam overshoots the boundary and the distance takes tens of steps to shrink again, so the
-paper's stall rule applied there too cut problems short (measured: worse results for 13 of 50
-MNIST images at 1000 steps, 47 of 200 digits at 100 steps, +2.7% median l2 there), while the
-rule as is saved 20-24% of the passes at no loss. linf and l0 run a variable number
+paper's stall rule applied there too would cut problems short and give larger perturbations,
+while the rule as is saves passes at no loss (the figures: ``benchmarks/results/design-choices.md``;
+times, passes and distances against foolbox and torchattacks: ``benchmarks/results/cw.md``). linf and l0 run a variable number
 of problems: one per success (linf: tau shrinks by 10% or more; l0: at least one pixel fewer),
 usually a few iterations each thanks to the warm start, and one per doubling of c, at most
 log2(largest_const / initial_const) in a run (21 for linf, 31 for l0 with the paper's values),
@@ -46,16 +46,20 @@ square root of the image size times the number of pixels the first solution chan
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
 import torch
+from pydantic import StrictBool
 
 from advbench.access import Handle
 from advbench.attacks.base import GradientAttack, white_box
 from advbench.attacks.losses import per_example_objective
 from advbench.audit import goal_met
-from advbench.errors import ConfigError, ModelOutputError
+from advbench.errors import ModelOutputError
+from advbench import params
 from advbench.registry import ATTACKS
 from advbench.threat import Norm, Targeting, ThreatModel
 
@@ -129,6 +133,56 @@ def _per_pixel(t: torch.Tensor, reduce: str) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- per-example optimization
+_R = TypeVar("_R", bound="_Rows")
+
+
+@dataclass(eq=False)
+class _Rows:
+    """The state of the rows still under attack, one entry per row (first dimension)."""
+
+    rows: torch.Tensor  # the rows' indices in the attacked batch
+    x: torch.Tensor
+    y: torch.Tensor
+    target: torch.Tensor | None  # None: untargeted
+    w: torch.Tensor  # the iterate in tanh space
+    m: torch.Tensor  # Adam's first moment
+    v: torch.Tensor  # Adam's second moment
+    t: torch.Tensor  # Adam's step count (reset with the moments)
+    k: torch.Tensor  # steps into the current problem
+    prev: torch.Tensor  # loss at the last stall check
+    c: torch.Tensor  # the constant of the current problem
+    done: torch.Tensor  # bool: the row has finished
+    best: torch.Tensor  # its best adversarial example so far (x while none)
+    best_d: torch.Tensor  # that example's distance (inf while none)
+
+    def fields(self) -> dict[str, Any]:
+        """The fields by name (to build a subclass's state from this one)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def select(self: _R, keep: torch.Tensor) -> _R:
+        """The state of the rows ``keep`` (a boolean mask) only."""
+        return dataclasses.replace(self, **{k: v[keep] for k, v in self.fields().items() if v is not None})
+
+
+@dataclass(eq=False)
+class _L2Rows(_Rows):
+    w0: torch.Tensor  # where every problem starts (x)
+    lower: torch.Tensor  # the binary search's bounds on c
+    upper: torch.Tensor
+    search: torch.Tensor  # problems run
+    found: torch.Tensor  # bool: the current problem has found an adversarial example
+
+
+@dataclass(eq=False)
+class _LinfRows(_Rows):
+    tau: torch.Tensor  # the threshold of the current problem
+
+
+@dataclass(eq=False)
+class _L0Rows(_Rows):
+    allowed: torch.Tensor  # bool (N, pixels): the pixels the current problem may change
+
+
 class _Search:
     """The rows still under attack, each with its own w, Adam moments, c and problem counters.
 
@@ -136,6 +190,8 @@ class _Search:
     per-row bookkeeping, without host synchronisation. Rows mark themselves ``done``;
     :meth:`pop_finished` (one synchronisation) hands their best example back and drops them.
     """
+
+    s: _Rows
 
     def __init__(self, net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
                  rows: torch.Tensor, bounds: tuple[float, float], *, steps: int, lr: float, const: float,
@@ -145,32 +201,30 @@ class _Search:
         self.half = (bounds[1] - bounds[0]) / 2
         self.check = max(1, math.ceil(steps / 10))
         n = x.shape[0]
-        self.s: dict[str, torch.Tensor] = {
-            "rows": rows, "x": x, "y": y, "w": to_tanh_space(x, bounds),
-            "m": torch.zeros_like(x), "v": torch.zeros_like(x), "t": x.new_zeros(n),  # Adam
-            "k": torch.zeros(n, dtype=torch.long, device=x.device),  # steps into the current problem
-            "prev": x.new_full((n,), math.inf),  # loss at the last stall check
-            "c": x.new_full((n,), const),
-            "done": torch.zeros(n, dtype=torch.bool, device=x.device),
-            "best": x.clone(), "best_d": x.new_full((n,), math.inf),
-        }
-        if target is not None:
-            self.s["target"] = target
+        self.s = _Rows(
+            rows=rows, x=x, y=y, target=target, w=to_tanh_space(x, bounds),
+            m=torch.zeros_like(x), v=torch.zeros_like(x), t=x.new_zeros(n),
+            k=torch.zeros(n, dtype=torch.long, device=x.device),
+            prev=x.new_full((n,), math.inf),
+            c=x.new_full((n,), const),
+            done=torch.zeros(n, dtype=torch.bool, device=x.device),
+            best=x.clone(), best_d=x.new_full((n,), math.inf),
+        )
 
     @property
     def n(self) -> int:
-        return self.s["x"].shape[0]
+        return self.s.x.shape[0]
 
     def step(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def pop_finished(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(original row indices, best examples) of the rows that finished; drops them."""
-        done = self.s["done"]
+        done = self.s.done
         if not bool(done.any()):
             return None
-        finished = self.s["rows"][done], self.s["best"][done]
-        self.s = {k: v[~done] for k, v in self.s.items()}
+        finished = self.s.rows[done], self.s.best[done]
+        self.s = self.s.select(~done)
         return finished
 
     # ------------------------------------------------------------------ shared pieces
@@ -181,13 +235,13 @@ class _Search:
         each live row is adversarial with margin >= kappa)."""
         s = self.s
         with torch.no_grad():
-            xp = from_tanh_space(s["w"], self.bounds)
+            xp = from_tanh_space(s.w, self.bounds)
             if allowed is not None:
-                xp = torch.where(allowed, xp, s["x"])
-        target = s.get("target")
+                xp = torch.where(allowed, xp, s.x)
+        target = s.target
         xp.requires_grad_(True)
         logits = self.net(xp)
-        margin = per_example_objective("margin", logits, s["y"], target)
+        margin = per_example_objective("margin", logits, s.y, target)
         if not margin.requires_grad:
             raise ModelOutputError(
                 "the model's logits do not depend differentiably on its input (a detach, a non-differentiable "
@@ -197,15 +251,15 @@ class _Search:
         with torch.no_grad():
             xp = xp.detach()
             margin = margin.detach()
-            ok = goal_met(logits.detach().argmax(dim=1), s["y"], target) & (margin >= self.kappa) & ~s["done"]
-            return xp, xp - s["x"], margin, (torch.zeros_like(xp) if grad is None else grad), ok
+            ok = goal_met(logits.detach().argmax(dim=1), s.y, target) & (margin >= self.kappa) & ~s.done
+            return xp, xp - s.x, margin, (torch.zeros_like(xp) if grad is None else grad), ok
 
     def _to_w(self, grad_xp: torch.Tensor, g: torch.Tensor, margin: torch.Tensor, xp: torch.Tensor) -> torch.Tensor:
         """grad_w of (distance term + c f), from the distance term's gradient ``grad_xp`` w.r.t. x'
         (overwritten) and the margin's gradient ``g`` (c grad f = -c g where f is not clipped),
         times the tanh-box Jacobian (1 - tanh(w)^2) (hi - lo) / 2 = (x' - lo)(hi - x') / ((hi - lo) / 2)."""
         lo, hi = self.bounds
-        coef = torch.where(margin < self.kappa, -self.s["c"], torch.zeros_like(margin))
+        coef = torch.where(margin < self.kappa, -self.s.c, torch.zeros_like(margin))
         return grad_xp.addcmul_(g, _rows(coef, g)).mul_(xp - lo).mul_(hi - xp).div_(self.half)
 
     def _problem_over(self, loss: torch.Tensor, found: torch.Tensor | None = None) -> torch.Tensor:
@@ -213,71 +267,74 @@ class _Search:
         or (``abort_early``) the loss fell by less than 0.01% since the check a tenth of the steps
         ago while the problem has ``found`` no adversarial example."""
         s = self.s
-        k = s["k"]
+        k = s.k
         over = k + 1 >= self.steps
         if self.abort_early:
             at = k % self.check == 0
-            stalled = at & ~(loss <= STALL * s["prev"])
+            stalled = at & ~(loss <= STALL * s.prev)
             over |= stalled if found is None else stalled & ~found
-            s["prev"] = torch.where(at, loss, s["prev"])
+            s.prev = torch.where(at, loss, s.prev)
         k.add_(1)
-        return over & ~s["done"]
+        return over & ~s.done
 
     def _new_problem(self, rows: torch.Tensor) -> None:
         """Rows starting a new problem get a fresh step count and stall reference."""
-        self.s["k"].masked_fill_(rows, 0)
-        self.s["prev"].masked_fill_(rows, math.inf)
+        self.s.k.masked_fill_(rows, 0)
+        self.s.prev.masked_fill_(rows, math.inf)
 
     def _adam(self, grad_w: torch.Tensor, restart: torch.Tensor) -> None:
         """One Adam step on w per row (bias correction by each row's own step count); rows in
         ``restart`` keep their w and start over with empty moments."""
         s = self.s
         keep = (~restart).to(grad_w.dtype)
-        s["m"].mul_(BETA1).add_(grad_w, alpha=1 - BETA1).mul_(_rows(keep, grad_w))
-        s["v"].mul_(BETA2).addcmul_(grad_w, grad_w, value=1 - BETA2).mul_(_rows(keep, grad_w))
-        t = s["t"].add_(1)
+        s.m.mul_(BETA1).add_(grad_w, alpha=1 - BETA1).mul_(_rows(keep, grad_w))
+        s.v.mul_(BETA2).addcmul_(grad_w, grad_w, value=1 - BETA2).mul_(_rows(keep, grad_w))
+        t = s.t.add_(1)
         step = keep * self.lr / (1 - torch.pow(BETA1, t))
-        denom = (s["v"] / _rows(1 - torch.pow(BETA2, t), grad_w)).sqrt_().add_(ADAM_EPS)
-        s["w"].sub_(s["m"] / denom * _rows(step, grad_w))
+        denom = (s.v / _rows(1 - torch.pow(BETA2, t), grad_w)).sqrt_().add_(ADAM_EPS)
+        s.w.sub_(s.m / denom * _rows(step, grad_w))
         t.mul_(keep)
 
     def _record(self, better: torch.Tensor, xp: torch.Tensor, d: torch.Tensor) -> None:
         s = self.s
-        s["best"] = torch.where(_rows(better, xp), xp, s["best"])
-        s["best_d"] = torch.where(better, d, s["best_d"])
+        s.best = torch.where(_rows(better, xp), xp, s.best)
+        s.best_d = torch.where(better, d, s.best_d)
 
 
 class _L2Search(_Search):
     """min ||delta||^2 + c f; per row ``search_steps`` problems, each from delta = 0 with fresh
     Adam moments, c set by :func:`search_const` after each."""
 
+    s: _L2Rows
+
     def __init__(self, *args: Any, search_steps: int, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.search_steps = search_steps
         s, n = self.s, self.n
-        s["w0"] = s["w"].clone()
-        s["lower"], s["upper"] = s["x"].new_zeros(n), s["x"].new_full((n,), math.inf)
-        s["search"] = torch.zeros(n, dtype=torch.long, device=s["x"].device)
-        s["found"] = torch.zeros(n, dtype=torch.bool, device=s["x"].device)  # in the current problem
+        self.s = _L2Rows(
+            **s.fields(), w0=s.w.clone(), lower=s.x.new_zeros(n), upper=s.x.new_full((n,), math.inf),
+            search=torch.zeros(n, dtype=torch.long, device=s.x.device),
+            found=torch.zeros(n, dtype=torch.bool, device=s.x.device),
+        )
 
     def step(self) -> None:
         xp, delta, margin, g, ok = self._evaluate()
         s = self.s
         with torch.no_grad():
             d2 = delta.reshape(self.n, -1).square().sum(dim=1)
-            loss = d2 + s["c"] * _f(margin, self.kappa)
-            self._record(ok & (d2 < s["best_d"]), xp, d2)
-            s["found"] |= ok
-            over = self._problem_over(loss, s["found"])
+            loss = d2 + s.c * _f(margin, self.kappa)
+            self._record(ok & (d2 < s.best_d), xp, d2)
+            s.found |= ok
+            over = self._problem_over(loss, s.found)
             self._adam(self._to_w(delta.mul_(2), g, margin, xp), over)
-            c, lower, upper = search_const(s["c"], s["lower"], s["upper"], s["found"])
-            s["c"] = torch.where(over, c, s["c"])
-            s["lower"] = torch.where(over, lower, s["lower"])
-            s["upper"] = torch.where(over, upper, s["upper"])
-            s["search"] += over
-            s["done"] |= over & (s["search"] >= self.search_steps)
-            s["w"] = torch.where(_rows(over, xp), s["w0"], s["w"])
-            s["found"] &= ~over
+            c, lower, upper = search_const(s.c, s.lower, s.upper, s.found)
+            s.c = torch.where(over, c, s.c)
+            s.lower = torch.where(over, lower, s.lower)
+            s.upper = torch.where(over, upper, s.upper)
+            s.search += over
+            s.done |= over & (s.search >= self.search_steps)
+            s.w = torch.where(_rows(over, xp), s.w0, s.w)
+            s.found &= ~over
             self._new_problem(over)
 
 
@@ -285,12 +342,14 @@ class _LinfSearch(_Search):
     """min c f + sum_i max(|delta_i| - tau, 0); a success (adversarial, penalty <= 1e-4 c) sets
     tau <- 0.9 min(tau, ||delta||_inf) and starts the next problem from there; a failure doubles c."""
 
+    s: _LinfRows
+
     def __init__(self, *args: Any, largest_const: float, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.largest_const = largest_const
         lo, hi = self.bounds
         self.tau_floor = TAU_FLOOR * (hi - lo)
-        self.s["tau"] = self.s["x"].new_full((self.n,), hi - lo)
+        self.s = _LinfRows(**self.s.fields(), tau=self.s.x.new_full((self.n,), hi - lo))
 
     def step(self) -> None:
         xp, delta, margin, g, adversarial = self._evaluate()
@@ -298,18 +357,18 @@ class _LinfSearch(_Search):
         with torch.no_grad():
             size = delta.abs()
             linf = size.reshape(self.n, -1).amax(dim=1)
-            excess = size.sub_(_rows(s["tau"], delta))
+            excess = size.sub_(_rows(s.tau, delta))
             penalty = excess.clamp(min=0).reshape(self.n, -1).sum(dim=1)
-            c = s["c"]
+            c = s.c
             loss = c * _f(margin, self.kappa) + penalty
             ok = adversarial & (penalty <= LINF_SLACK * c)
-            self._record(ok & (linf < s["best_d"]), xp, linf)
+            self._record(ok & (linf < s.best_d), xp, linf)
             failed = self._problem_over(loss) & ~ok
             self._adam(self._to_w(delta.sign_().mul_(excess > 0), g, margin, xp), ok)
-            tau = torch.minimum(s["tau"], linf) * TAU_DECREASE
-            s["tau"] = torch.where(ok, tau, s["tau"])
-            s["c"] = torch.where(failed, c * CONST_FACTOR, c)
-            s["done"] |= (ok & (tau < self.tau_floor)) | (failed & (s["c"] > self.largest_const))
+            tau = torch.minimum(s.tau, linf) * TAU_DECREASE
+            s.tau = torch.where(ok, tau, s.tau)
+            s.c = torch.where(failed, c * CONST_FACTOR, c)
+            s.done |= (ok & (tau < self.tau_floor)) | (failed & (s.c > self.largest_const))
             self._new_problem(ok | failed)
 
 
@@ -318,62 +377,46 @@ class _L0Search(_Search):
     success shrinks the set (its unchanged pixels, then the ceil(0.3 sqrt(#changed)) changed ones
     of least effect |grad f . delta|) and starts the next problem from there; a failure doubles c."""
 
+    s: _L0Rows
+
     def __init__(self, *args: Any, largest_const: float, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.largest_const = largest_const
         lo, hi = self.bounds
         self.unchanged = UNCHANGED * (hi - lo)
-        x = self.s["x"]
+        x = self.s.x
         self.mask_shape = _pixel_shape(x)
         pixels = math.prod(self.mask_shape[1:])
         self.max_remove = min(pixels, math.ceil(REMOVE_RATE * math.sqrt(pixels)))
-        self.s["allowed"] = torch.ones(self.n, pixels, dtype=torch.bool, device=x.device)
+        self.s = _L0Rows(**self.s.fields(), allowed=torch.ones(self.n, pixels, dtype=torch.bool, device=x.device))
 
     def step(self) -> None:
         s = self.s
-        allowed = s["allowed"].view(self.n, *self.mask_shape[1:])
+        allowed = s.allowed.view(self.n, *self.mask_shape[1:])
         xp, delta, margin, g, ok = self._evaluate(allowed)
         with torch.no_grad():
             d2 = delta.reshape(self.n, -1).square().sum(dim=1)
             moved = _per_pixel(delta.abs(), "amax")
             l0 = (moved > 0).sum(dim=1).to(d2.dtype)
-            loss = d2 + s["c"] * _f(margin, self.kappa)
-            self._record(ok & (l0 < s["best_d"]), xp, l0)
+            loss = d2 + s.c * _f(margin, self.kappa)
+            self._record(ok & (l0 < s.best_d), xp, l0)
             # the next allowed set, taken where this step succeeded
-            changed = s["allowed"] & (moved > self.unchanged)
+            changed = s.allowed & (moved > self.unchanged)
             n_remove = (REMOVE_RATE * changed.sum(dim=1).to(d2.dtype).sqrt()).ceil().clamp(min=1)
             effect = _per_pixel((g * delta).abs_(), "sum").masked_fill_(~changed, math.inf)
             least = effect.topk(self.max_remove, dim=1, largest=False).indices
             ranked = torch.arange(self.max_remove, device=xp.device) < n_remove.unsqueeze(1)
             shrunk = changed & ~torch.zeros_like(changed).scatter_(1, least, ranked)
-            s["allowed"] = torch.where(ok.unsqueeze(1), shrunk, s["allowed"])
+            s.allowed = torch.where(ok.unsqueeze(1), shrunk, s.allowed)
             failed = self._problem_over(loss) & ~ok
             self._adam(self._to_w(delta.mul_(2), g, margin, xp).mul_(allowed), ok)
-            c = s["c"]
-            s["c"] = torch.where(failed, c * CONST_FACTOR, c)
-            s["done"] |= (ok & ~shrunk.any(dim=1)) | (failed & (s["c"] > self.largest_const))
+            c = s.c
+            s.c = torch.where(failed, c * CONST_FACTOR, c)
+            s.done |= (ok & ~shrunk.any(dim=1)) | (failed & (s.c > self.largest_const))
             self._new_problem(ok | failed)
 
 
 # ---------------------------------------------------------------------- the attack
-def _positive(name: str, value: float | None, allow_none: bool = True, allow_zero: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-          and (value >= 0 if allow_zero else value > 0))
-    if not ok:
-        what = ">= 0" if allow_zero else "> 0"
-        tail = " (or None for the paper's value for the norm)" if allow_none else ""
-        raise ConfigError(f"{name} must be a finite number {what}{tail}, got {value!r}")
-    return float(value)  # type: ignore[arg-type]
-
-
-def _whole(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
-    return value
-
-
 @ATTACKS.register(
     "cw",
     description="Carlini-Wagner (S&P 2017), minimal perturbation: l2 (binary search over c), linf (tau schedule), "
@@ -398,10 +441,10 @@ class CarliniWagner(GradientAttack):
       ``steps`` before it found an adversarial example (per example).
 
     The defaults are the paper's: 1000 iterations (its code's cap for linf and l0; its l2 code
-    allows 10,000) and 9 binary-search steps. Fewer are not enough on MNIST-like images, whose
-    saturated pixels (tanh-space w = +-7.25 at 0 and 1) take hundreds of steps of 1e-2 to move:
-    100 steps found 44% of a mnist-cnn sample, 1000 steps all of it (median l2 1.526 with 9
-    search steps, 1.535 with 5 at half the passes, 1.536 with 500 steps and 9).
+    allows 10,000) and 9 binary-search steps. Fewer iterations are not enough on MNIST-like
+    images, whose saturated pixels (tanh-space w = +-7.25 at 0 and 1) take hundreds of steps of
+    1e-2 to move: 100 steps miss much of a mnist-cnn sample that 1000 steps find in full (see
+    ``benchmarks/results/design-choices.md``).
 
     Deterministic: the generator is not used.
     """
@@ -412,27 +455,15 @@ class CarliniWagner(GradientAttack):
     minimal: ClassVar[bool] = True
     kind: ClassVar[str] = "minimal"
 
-    def __init__(
-        self,
-        *,
-        steps: int = 1000,
-        search_steps: int = 9,
-        lr: float | None = None,
-        initial_const: float | None = None,
-        largest_const: float | None = None,
-        kappa: float = 0.0,
-        abort_early: bool = True,
-    ) -> None:
-        super().__init__()
-        self.steps = _whole("steps", steps)
-        self.search_steps = _whole("search_steps", search_steps)
-        self.lr = _positive("lr", lr)
-        self.initial_const = _positive("initial_const", initial_const)
-        self.largest_const = _positive("largest_const", largest_const)
-        self.kappa = _positive("kappa", kappa, allow_none=False, allow_zero=True)
-        if not isinstance(abort_early, bool):
-            raise ConfigError(f"abort_early must be true or false, got {abort_early!r}")
-        self.abort_early = abort_early
+    class Params(params.Params):
+        steps: params.Count = 1000
+        search_steps: params.Count = 9
+        # None: the paper's value for the norm (PAPER_DEFAULTS)
+        lr: params.PositiveNumber | None = None
+        initial_const: params.PositiveNumber | None = None
+        largest_const: params.PositiveNumber | None = None
+        kappa: params.NonNegativeNumber = 0.0
+        abort_early: StrictBool = True
 
     def resolved(self, norm: Norm) -> dict[str, float | None]:
         """lr, initial_const and largest_const for ``norm``: the given values, else the paper's."""

@@ -4,14 +4,15 @@ repeatedly stepping onto the closest linearized decision boundary."""
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
+from pydantic import Field
 
 from advbench.access import Handle
 from advbench.attacks.base import GradientAttack, white_box
 from advbench.audit import reached
-from advbench.errors import ConfigError
+from advbench import params
 from advbench.registry import ATTACKS
 from advbench.threat import Norm, Targeting, ThreatModel
 
@@ -87,19 +88,11 @@ class DeepFool(GradientAttack):
     kind: ClassVar[str] = "minimal"
     randomized: ClassVar[bool] = False
 
-    def __init__(self, *, steps: int = 50, candidates: int = 10, overshoot: float = 0.02) -> None:
-        super().__init__()
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ConfigError(f"steps must be a whole number >= 1, got {steps!r}")
-        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 2:
-            raise ConfigError(
-                f"candidates must be a whole number >= 2 (the original class and at least one other), got {candidates!r}"
-            )
-        if isinstance(overshoot, bool) or not isinstance(overshoot, (int, float)) or not 0 <= overshoot < math.inf:
-            raise ConfigError(f"overshoot must be a finite number >= 0, got {overshoot!r}")
-        self.steps = steps
-        self.candidates = candidates
-        self.overshoot = float(overshoot)
+    class Params(params.Params):
+        steps: params.Count = 50
+        #: the original class and at least one other
+        candidates: Annotated[params.Count, Field(ge=2)] = 10
+        overshoot: params.NonNegativeNumber = 0.02
 
     def _run(
         self,

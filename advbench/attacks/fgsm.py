@@ -28,9 +28,6 @@ class FGSM(GradientAttack):
     randomized: ClassVar[bool] = False  # the generator only matters through random targets
     kind: ClassVar[str] = "single_step"
 
-    def __init__(self) -> None:
-        super().__init__()
-
     def _run(
         self,
         model: Handle,

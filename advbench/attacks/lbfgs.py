@@ -13,7 +13,7 @@ import torch
 from advbench.access import Handle
 from advbench.attacks.base import GradientAttack, white_box
 from advbench.audit import reached
-from advbench.errors import ConfigError
+from advbench import params
 from advbench.registry import ATTACKS
 from advbench.threat import Norm, Targeting, ThreatModel
 
@@ -184,12 +184,11 @@ class LBFGS(GradientAttack):
         c ||r||_2^2 + loss_f(x + r, l)   subject to x + r in the bounds,
 
     by :func:`box_lbfgs`. ``loss_f`` is the cross-entropy toward the target l, or untargeted
-    -log(1 - p_y) (see :func:`attack_loss`; on 100 mnist-cnn images it found a 4% smaller
-    median distance than the cross-entropy toward the clean runner-up class, and
-    -CE(x + r, y) a 2.7x larger one). The squared norm replaces the paper's ||r||_2, which has
-    no gradient at r = 0 (the start) and a curvature L-BFGS cannot model near it: a minimizer
-    of one is a stationary point of the other for c' = c / (2 ||r||), so the search over c
-    walks the same family of solutions.
+    -log(1 - p_y) (see :func:`attack_loss`: it finds smaller perturbations than the
+    cross-entropy toward the clean runner-up class or -CE(x + r, y)). The squared norm
+    replaces the paper's ||r||_2, which has no gradient at r = 0 (the start) and a curvature
+    L-BFGS cannot model near it: a minimizer of one is a stationary point of the other for
+    c' = c / (2 ||r||), so the search over c walks the same family of solutions.
 
     The paper line-searches c for the minimizer that reaches the goal with the smallest r,
     which is the *largest* such c (larger c, smaller r). Per example, c starts at
@@ -203,12 +202,13 @@ class LBFGS(GradientAttack):
 
     Cost: at most ``search_steps`` x (``max_iter`` + 1) forward+backward passes over the
     examples still minimizing (one per L-BFGS evaluation, line-search trials included), plus
-    one forward pass per c. Defaults, measured on 100 mnist-cnn images (and the digits
-    models): ``max_iter=20``, because the search keeps the best point of every minimization
-    so a partial one still serves (50 lowered the median distance by 0.13% at 2.4x the
-    passes); ``search_steps=8``, enough to bracket c by factors of 10 and then narrow it to
-    about 10^(1/32) (12 lowered the median by 0.23% at 1.5x the passes); ``history=10``,
-    SciPy's default; ``initial_const=1`` (0.1 and 10 gave medians within 0.1%).
+    one forward pass per c. Defaults (chosen on mnist-cnn and the digits models, the figures in
+    ``benchmarks/results/design-choices.md``; times and distances against SciPy in
+    ``benchmarks/results/deepfool.md``): ``max_iter=20``, because
+    the search keeps the best point of every minimization, so a partial one still serves and
+    more iterations buy little; ``search_steps=8``, enough to bracket c by factors of 10 and
+    then narrow it to about 10^(1/32); ``history=10``, SciPy's default; ``initial_const=1``
+    (the result hardly depends on it).
     """
 
     norms: ClassVar[frozenset[Norm]] = frozenset({Norm.L2})
@@ -217,20 +217,11 @@ class LBFGS(GradientAttack):
     kind: ClassVar[str] = "minimal"
     randomized: ClassVar[bool] = False
 
-    def __init__(
-        self, *, initial_const: float = 1.0, search_steps: int = 8, max_iter: int = 20, history: int = 10
-    ) -> None:
-        super().__init__()
-        if (isinstance(initial_const, bool) or not isinstance(initial_const, (int, float))
-                or not 0 < initial_const < math.inf):
-            raise ConfigError(f"initial_const must be a finite number > 0, got {initial_const!r}")
-        for name, value in (("search_steps", search_steps), ("max_iter", max_iter), ("history", history)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
-        self.initial_const = float(initial_const)
-        self.search_steps = search_steps
-        self.max_iter = max_iter
-        self.history = history
+    class Params(params.Params):
+        initial_const: params.PositiveNumber = 1.0
+        search_steps: params.Count = 8
+        max_iter: params.Count = 20
+        history: params.Count = 10
 
     def _run(
         self,

@@ -11,14 +11,16 @@ forward passes and little else (no Python loop over images or candidates).
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
+from pydantic import Field
 
 from advbench.access import Handle, ScoreOracle
 from advbench.attacks.base import Attack
 from advbench.tensors import rand_like, randn_like
-from advbench.errors import ConfigError, UnsupportedThreatError
+from advbench.errors import UnsupportedThreatError
+from advbench import params
 from advbench.registry import ATTACKS
 from advbench.threat import Knowledge, Norm, Targeting, ThreatModel, quantize_8bit
 
@@ -122,38 +124,16 @@ class OnePixel(Attack):
     kind: ClassVar[str] = "score_based"
     randomized: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        *,
-        pixels: int | None = None,
-        population: int = 400,
-        generations: int = 100,
-        mutation: float = 0.5,
-        untargeted_threshold: float = 0.05,
-        targeted_threshold: float = 0.9,
-        max_batch: int = 1024,
-    ) -> None:
-        super().__init__()
-        if pixels is not None and (isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 1):
-            raise ConfigError(f"pixels must be a whole number >= 1 (or None: the threat model's eps), got {pixels!r}")
-        if isinstance(population, bool) or not isinstance(population, int) or population < 3:
-            raise ConfigError(f"population must be a whole number >= 3 (mutation takes 3 members), got {population!r}")
-        if isinstance(generations, bool) or not isinstance(generations, int) or generations < 0:
-            raise ConfigError(f"generations must be a whole number >= 0, got {generations!r}")
-        if isinstance(mutation, bool) or not isinstance(mutation, (int, float)) or not 0 < mutation <= 2:
-            raise ConfigError(f"mutation (the scale F) must be a number in (0, 2], got {mutation!r}")
-        for name, value in (("untargeted_threshold", untargeted_threshold), ("targeted_threshold", targeted_threshold)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ConfigError(f"{name} must be a probability in [0, 1], got {value!r}")
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ConfigError(f"max_batch must be a whole number >= 1, got {max_batch!r}")
-        self.pixels = pixels
-        self.population = population
-        self.generations = generations
-        self.mutation = float(mutation)
-        self.untargeted_threshold = float(untargeted_threshold)
-        self.targeted_threshold = float(targeted_threshold)
-        self.max_batch = max_batch
+    class Params(params.Params):
+        pixels: params.Count | None = None  # None: the threat model's l0 eps
+        #: mutation takes 3 distinct members
+        population: Annotated[params.Count, Field(ge=3)] = 400
+        generations: params.Natural = 100
+        #: the scale F, in (0, 2]
+        mutation: Annotated[params.PositiveNumber, Field(le=2)] = 0.5
+        untargeted_threshold: params.UnitInterval = 0.05
+        targeted_threshold: params.UnitInterval = 0.9
+        max_batch: params.Count = 1024
 
     def supports(self, threat: ThreatModel) -> str | None:
         """The base checks, and that ``pixels`` fits the threat model's l0 eps."""

@@ -40,7 +40,7 @@ class PGD(GradientAttack):
     class Params(params.Params):
         steps: params.Count = 40
         step_size: params.PositiveNumber | None = None  # None: 2.5 * eps / steps
-        random_start: bool = True
+        random_start: params.Flag = True
         restarts: params.Count = 1
         loss: Literal["ce", "margin"] = "ce"
 

@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any, ClassVar
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 
 from advbench.access import Handle, NoAccess
@@ -21,23 +22,25 @@ from advbench.attacks.base import Attack
 from advbench.errors import ConfigError
 from advbench.loading import load_model
 from advbench.specs import ModelSpec
+from advbench import params
 from advbench.registry import ATTACKS
 from advbench.threat import Knowledge, Targeting, ThreatModel
 
 
-def _attack_entry(attack: str | dict[str, Any] | None) -> dict[str, Any]:
+def _attack_entry(attack: Any) -> dict[str, Any]:
     """``attack`` as ``{"name": ..., **params}`` (a bare name, a flat mapping or ``{name, params}``)."""
     if attack is None:
         return {"name": "pgd"}
     if isinstance(attack, str):
         return {"name": attack}
     if not isinstance(attack, dict) or not isinstance(attack.get("name"), str):
-        raise ConfigError(f"attack must be an attack name or a mapping with a 'name', got {attack!r}")
-    params = attack.get("params")
-    if params is not None:
-        if set(attack) - {"name", "params"} or not isinstance(params, dict):
-            raise ConfigError(f"attack: give the parameters either flat or under 'params', got {attack!r}")
-        return {"name": attack["name"], **params}
+        got = f", got {attack!r}" if isinstance(attack, dict) else ""  # other values: the error adds "(got ...)"
+        raise ValueError(f"must be an attack name or a mapping with a 'name'{got}")
+    inner = attack.get("params")
+    if inner is not None:
+        if set(attack) - {"name", "params"} or not isinstance(inner, dict):
+            raise ValueError(f"give the parameters either flat or under 'params', got {attack!r}")
+        return {"name": attack["name"], **inner}
     return dict(attack)
 
 
@@ -59,18 +62,32 @@ class Transfer(Attack):
     minimal: ClassVar[bool] = False
     kind: ClassVar[str] = "transfer"
 
-    def __init__(self, *, source: str | dict[str, Any], attack: str | dict[str, Any] | None = None) -> None:
-        super().__init__()
+    class Params(params.Params):
+        source: str | dict[str, Any]
+        #: the white-box attack on the source, kept as ``{"name": ..., **params}``; None: PGD
+        attack: str | dict[str, Any] | None = Field(default=None, validate_default=True)
+
+        @field_validator("source", mode="before")
+        @classmethod
+        def _spec_like(cls, value: Any) -> Any:
+            if not isinstance(value, (str, dict)):
+                raise ValueError("must be a model spec: a model name or a mapping such as {name: digits-mlp}")
+            return value
+
+        @field_validator("attack", mode="before")
+        @classmethod
+        def _entry(cls, value: Any) -> dict[str, Any]:
+            return _attack_entry(value)
+
+    def setup(self) -> None:
         try:
-            self._spec = ModelSpec.model_validate(source).model_dump(by_alias=True)
+            self._spec = ModelSpec.model_validate(self.source).model_dump(by_alias=True)
         except ValueError as err:  # pydantic's ValidationError is a ValueError
-            raise ConfigError(f"transfer: source is not a model spec ({source!r}): {err}") from None
-        entry = _attack_entry(attack)
+            raise ConfigError(f"transfer: source is not a model spec ({self.source!r}): {err}") from None
+        entry = self.attack
         inner = ATTACKS.create(entry["name"], **{k: v for k, v in entry.items() if k != "name"})
         if Knowledge.WHITE_BOX not in inner.knowledge:
             raise ConfigError(f"transfer: the source attack {entry['name']!r} must be a white-box attack")
-        self.source = source
-        self.attack = entry
         self._inner = inner
         self.norms = inner.norms
         self.targeting = inner.targeting - {Targeting.LEAST_LIKELY}

@@ -105,9 +105,6 @@ def _validate_names(config: BlindspotConfig) -> None:
         DATASETS.get(config.data.name)
     if config.model.source == "registry":
         MODELS.get(config.model.name)
-    try:
-        config.traversal()
-    except ConfigError as exc:
-        raise ConfigError(f"lst: {exc}") from None
+    config.traversal()  # its errors name the traversal and the parameter (the config's ``lst``)
     if config.lpips_weights is not None and not Path(config.lpips_weights).expanduser().is_file():
         raise ConfigError(f"lpips_weights: no AlexNet weights file at {config.lpips_weights}")

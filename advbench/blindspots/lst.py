@@ -18,25 +18,25 @@ correction ``eps * g`` by 1/batch size), and frozen pairs leave the batch.
 Cost: one forward and one backward pass per iteration. The forward pass at x_new serves both
 the confidence check and, when x_new is kept, the gradient of the next iteration.
 
-On the size of eps: x_par is added at *every* iteration, so once it saturates at +-eps (the
-gradients of small models are large per pixel) it drifts the iterate by eps per pixel per
-iteration, which the pull eta * (x_t - x) balances at a distance of about eps / eta per pixel:
-0.2 for the defaults, far from the target. In the reference code the correction was negligible
-(a batch-mean CE over 196 ImageNet images, tiny per-pixel gradients), so its outputs end near the
-target. On the small reference models an eps 100x smaller (2e-5) keeps most pairs from stopping
-while ending close to the target; see ``benchmarks/results/lst.md``.
+On the size of eps: x_par is added at *every* iteration, so once it saturates at +-eps it drifts
+the iterate by up to eps per pixel per iteration, which the pull eta * (x_t - x) balances at a
+distance of about eps / eta per pixel from the target. The default eps is the reference code's,
+where the correction is negligible (a batch-mean CE, tiny per-pixel gradients); on small models
+with large gradients a smaller ``adv_step`` ends closer to the target. Measurements on the
+reference models: ``benchmarks/results/lst.md``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 from torch import nn
 
+from advbench import params
 from advbench.access import WhiteBoxModel
 from advbench.tensors import frozen, rand_like
 from advbench.errors import ConfigError, ModelOutputError
@@ -75,71 +75,52 @@ class LSTResult:
         return (self.p_src - self.p_final) <= self.params["delta"] + 1e-6
 
 
-def _number(value: Any, what: str, *, low: float, high: float = math.inf, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{what} must be a finite number, got {value!r}")
-    if value < low or value > high or (low_open and value == low):
-        bracket = "(" if low_open else "["
-        raise ConfigError(f"{what} must lie in {bracket}{low:g}, {high:g}], got {value!r}")
-    return float(value)
-
-
-def _whole(value: Any, what: str, *, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{what} must be a whole number >= {low}, got {value!r}")
-    return value
+_strict = Field(strict=True)  # numbers: a string such as "0.01" is refused, not parsed
 
 
 @TRAVERSALS.register(
     "lst", description="Level Set Traversal (Balasubramanian et al. 2023): source -> target at constant confidence"
 )
-class LevelSetTraversal:
+class LevelSetTraversal(params.Configurable):
     """Level Set Traversal with the reference implementation's defaults (see the module docstring).
 
-    Keyword-only parameters: ``step_size`` (eta, the fraction of the orthogonal part of x_t - x
-    taken per iteration), ``iterations``, ``delta`` (the largest confidence drop allowed),
-    ``adv_step`` (eps of the correction x_par; 0 turns it off), ``init_noise`` (width of uniform
-    noise added to the start, from the generator; the reference code uses 4/255, the paper's
-    algorithm none), ``bounds`` (the image box) and ``path_every`` (record the iterate every so
-    many iterations; None records no images).
+    Keyword-only parameters, declared in ``Params``: ``step_size`` (eta, the fraction of the
+    orthogonal part of x_t - x taken per iteration), ``iterations``, ``delta`` (the largest
+    confidence drop allowed), ``adv_step`` (eps of the correction x_par; 0 turns it off),
+    ``init_noise`` (width of uniform noise added to the start, from the generator; the reference
+    code uses 4/255, the paper's algorithm none), ``bounds`` (the image box) and ``path_every``
+    (record the iterate every so many iterations; None records no images).
     """
 
+    plugin_kind: ClassVar[str] = "traversal"
     name: ClassVar[str] = "lst"
 
-    def __init__(
-        self,
-        *,
-        step_size: float = 1e-2,
-        iterations: int = 400,
-        delta: float = 0.2,
-        adv_step: float = 2e-3,
-        init_noise: float = 0.0,
-        bounds: tuple[float, float] = (0.0, 1.0),
-        path_every: int | None = None,
-    ) -> None:
-        self.step_size = _number(step_size, "step_size", low=0.0, high=1.0, low_open=True)
-        self.iterations = _whole(iterations, "iterations", low=1)
-        self.delta = _number(delta, "delta", low=0.0, high=1.0)
-        self.adv_step = _number(adv_step, "adv_step", low=0.0)
-        self.init_noise = _number(init_noise, "init_noise", low=0.0)
-        if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
-            raise ConfigError(f"bounds must be a pair (low, high), got {bounds!r}")
-        lo = _number(bounds[0], "bounds[0]", low=-math.inf)
-        hi = _number(bounds[1], "bounds[1]", low=-math.inf)
-        if not lo < hi:
-            raise ConfigError(f"bounds must have low < high, got {bounds!r}")
-        self.bounds = (lo, hi)
-        self.path_every = None if path_every is None else _whole(path_every, "path_every", low=1)
+    class Params(params.Params):
+        step_size: Annotated[params.PositiveNumber, _strict, Field(le=1)] = 1e-2  # eta, in (0, 1]
+        iterations: params.Count = 400
+        delta: Annotated[params.UnitInterval, _strict] = 0.2
+        adv_step: Annotated[params.NonNegativeNumber, _strict] = 2e-3  # eps; 0: no correction
+        init_noise: Annotated[params.NonNegativeNumber, _strict] = 0.0
+        bounds: tuple[Annotated[params.Number, _strict], Annotated[params.Number, _strict]] = (0.0, 1.0)
+        path_every: params.Count | None = None  # None: record no images
+
+        @field_validator("bounds", mode="before")
+        @classmethod
+        def _a_pair(cls, value: Any) -> Any:
+            if not isinstance(value, (tuple, list)) or len(value) != 2:
+                raise ValueError("must be a pair (low, high)")
+            return value
+
+        @field_validator("bounds")
+        @classmethod
+        def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+            if not value[0] < value[1]:
+                raise ValueError("must have low < high")
+            return value
 
     def params(self) -> dict[str, Any]:
-        return {
-            "step_size": self.step_size, "iterations": self.iterations, "delta": self.delta,
-            "adv_step": self.adv_step, "init_noise": self.init_noise, "bounds": list(self.bounds),
-            "path_every": self.path_every,
-        }
-
-    def __repr__(self) -> str:
-        return f"LevelSetTraversal({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
+        """The parameters, ``bounds`` as a list (as stored with the results)."""
+        return {**super().params(), "bounds": list(self.bounds)}
 
     # ------------------------------------------------------------------ running
     def __call__(

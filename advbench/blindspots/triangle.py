@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from advbench import params
 from advbench.errors import ConfigError
 
 #: slack when comparing confidences with p_src - delta: the same image evaluated in batches of
@@ -25,8 +26,7 @@ CONF_TOLERANCE = 1e-6
 
 def barycentric_grid(resolution: int) -> torch.Tensor:
     """The (R + 1)(R + 2) / 2 x 3 weights (a, b, c) of the uniform grid of resolution R (float64)."""
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
-        raise ConfigError(f"the grid resolution must be a whole number >= 1, got {resolution!r}")
+    params.check_whole(resolution, "the grid resolution", 1)
     i, j = torch.meshgrid(torch.arange(resolution + 1), torch.arange(resolution + 1), indexing="ij")
     keep = (i + j) <= resolution
     b, c = i[keep], j[keep]
@@ -92,8 +92,7 @@ def path_confidence(
     batch_size: int = 1024,
 ) -> torch.Tensor:
     """(N, points) source-class confidence at evenly spaced points of each segment source -> end."""
-    if isinstance(points, bool) or not isinstance(points, int) or points < 2:
-        raise ConfigError(f"a path needs at least 2 points, got {points!r}")
+    params.check_whole(points, "points", 2)
     t = torch.linspace(0, 1, points, dtype=torch.float64)
     weights = torch.stack([1 - t, t], dim=1)
     return confidence_at_combinations(model, torch.stack([source, end], dim=1), weights, label, batch_size=batch_size)

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from advbench import params
 from advbench.data.base import ImageData
-from advbench.errors import DataError
+from advbench.errors import ConfigError, DataError
 from advbench.registry import DATASETS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -93,8 +94,11 @@ def load_image_folder(path: str, size: int | None = None, grayscale: bool = Fals
     ``size`` resizes every image to size x size (bilinear); without it all images must share
     one size. ``grayscale`` gives 1 channel, else 3 (RGB). ``split`` only labels the result.
     """
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise DataError(f"imagefolder size must be a positive integer or None, got {size!r}")
+    if size is not None:
+        try:
+            params.check_whole(size, "imagefolder size", 1)
+        except ConfigError as exc:
+            raise DataError(f"{exc} (or None to keep the images' own size)") from None
     root = Path(path).expanduser()
     classes, samples = scan_class_folders(root)
     mode = "L" if grayscale else "RGB"

@@ -30,24 +30,26 @@ a seed fixes every result on CPU; :meth:`DefendedModel.reseed` restarts it.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from advbench import params
 from advbench.errors import ConfigError
 
 
-class InputTransform(ABC):
+class InputTransform(params.Configurable, ABC):
     """One inference-time defense stage: ``transform`` (real), ``surrogate`` (for BPDA), tags.
 
-    Subclasses take their parameters as keyword-only constructor arguments, kept as attributes
-    of the same name (``params()`` reads them back), and implement :meth:`transform`.
+    Subclasses declare their parameters once, as a nested ``Params`` class
+    (:mod:`advbench.params`); the keyword arguments are validated through it and kept as
+    attributes of the same name (``params()`` reads them back). They implement :meth:`transform`.
     """
 
+    plugin_kind: ClassVar[str] = "defense"
     name: ClassVar[str] = "transform"
     #: autograd's gradient of ``transform`` is the true one (else BPDA uses ``surrogate``)
     differentiable: ClassVar[bool] = True
@@ -65,15 +67,6 @@ class InputTransform(ABC):
     def out_channels(self, channels: int) -> int:
         """Channels of the output for ``channels`` input channels (the classifier's input)."""
         return channels
-
-    def params(self) -> dict[str, Any]:
-        import inspect
-
-        sig = inspect.signature(type(self).__init__)
-        return {p: getattr(self, p) for p in sig.parameters if p != "self" and hasattr(self, p)}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
 
 
 class DefendedModel(nn.Module):
@@ -154,8 +147,7 @@ class AdaptiveModel(nn.Module):
 
     def __init__(self, model: DefendedModel, *, eot_samples: int = 1, bpda: bool = True) -> None:
         super().__init__()
-        if isinstance(eot_samples, bool) or not isinstance(eot_samples, int) or eot_samples < 1:
-            raise ConfigError(f"eot_samples must be a whole number >= 1, got {eot_samples!r}")
+        params.check_whole(eot_samples, "eot_samples", 1)
         self.model = model
         self.eot_samples = eot_samples if model.randomized else 1
         self.bpda = bpda and not model.differentiable
@@ -203,11 +195,3 @@ def needs_adaptive(model: nn.Module) -> bool:
     """Whether attacking ``model`` naively can mislead: it has a non-differentiable or randomized stage."""
     return isinstance(model, DefendedModel) and (not model.differentiable or model.randomized)
 
-
-def check_unit_interval(name: str, value: float, *, open_low: bool = False) -> float:
-    """A number in [0, 1] (or (0, 1]) for a transform parameter, else a one-line ConfigError."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    ok = ok and (0 < value <= 1 if open_low else 0 <= value <= 1)
-    if not ok:
-        raise ConfigError(f"{name} must be a number in {'(0, 1]' if open_low else '[0, 1]'}, got {value!r}")
-    return float(value)

@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 
-from advbench.defenses.base import InputTransform, check_unit_interval
+from advbench import params
+from advbench.defenses.base import InputTransform
 from advbench.errors import ConfigError
 from advbench.registry import DEFENSES
 
-MODES = ("nearest", "bilinear")
+Mode = Literal["nearest", "bilinear"]
+MODES = get_args(Mode)
 
 
 def default_pad_size(size: int) -> int:
     """The smallest multiple of 8 above ``size``: 28 -> 32 (MNIST), 32 -> 40 (CIFAR-10), 8 -> 16."""
     return 8 * (size // 8 + 1)
-
-
-def _size_param(name: str, value: int | None) -> int | None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ConfigError(f"{name} must be a whole number >= 1 (or None to derive it from the input), got {value!r}")
-    return value
 
 
 @DEFENSES.register("randomization", description="Random resizing and zero padding (Xie et al. 2018); randomized")
@@ -54,27 +51,19 @@ class Randomization(InputTransform):
     differentiable: ClassVar[bool] = True
     randomized: ClassVar[bool] = True
 
-    def __init__(
-        self,
-        *,
-        min_size: int | None = None,
-        pad_size: int | None = None,
-        resize_back: bool = True,
-        mode: str = "nearest",
-        pad_value: float = 0.0,
-    ) -> None:
-        self.min_size = _size_param("min_size", min_size)
-        self.pad_size = _size_param("pad_size", pad_size)
-        if min_size is not None and pad_size is not None and pad_size <= min_size:
-            raise ConfigError(f"pad_size must be larger than min_size (r is drawn from [min_size, pad_size)), "
-                              f"got min_size={min_size}, pad_size={pad_size}")
-        if not isinstance(resize_back, bool):
-            raise ConfigError(f"resize_back must be true or false, got {resize_back!r}")
-        if mode not in MODES:
-            raise ConfigError(f"unknown mode {mode!r}; allowed: {', '.join(MODES)}")
-        self.resize_back = resize_back
-        self.mode = mode
-        self.pad_value = check_unit_interval("pad_value", pad_value)
+    class Params(params.Params):
+        min_size: params.Count | None = None  # None: the input's size
+        pad_size: params.Count | None = None  # None: the smallest multiple of 8 above min_size
+        resize_back: Annotated[bool, Field(strict=True)] = True
+        mode: Mode = "nearest"
+        pad_value: Annotated[params.UnitInterval, Field(strict=True)] = 0.0
+
+        @model_validator(mode="after")
+        def _pad_above_min(self) -> Randomization.Params:
+            if self.min_size is not None and self.pad_size is not None and self.pad_size <= self.min_size:
+                raise ValueError(f"pad_size must be larger than min_size (r is drawn from [min_size, pad_size)), "
+                                 f"got min_size={self.min_size}, pad_size={self.pad_size}")
+            return self
 
     def sizes(self, height: int, width: int) -> tuple[int, int]:
         """(min_size, pad_size) for an input of ``height`` x ``width``: r is drawn from [min_size, pad_size)."""

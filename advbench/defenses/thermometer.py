@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
+from pydantic import Field
 
+from advbench import params
 from advbench.defenses.base import InputTransform
-from advbench.errors import ConfigError
 from advbench.registry import DEFENSES
 
 
@@ -40,10 +41,8 @@ class Thermometer(InputTransform):
     differentiable: ClassVar[bool] = False
     randomized: ClassVar[bool] = False
 
-    def __init__(self, *, levels: int = 16) -> None:
-        if isinstance(levels, bool) or not isinstance(levels, int) or not 2 <= levels <= 1024:
-            raise ConfigError(f"levels must be a whole number in [2, 1024], got {levels!r}")
-        self.levels = levels
+    class Params(params.Params):
+        levels: Annotated[params.Count, Field(ge=2, le=1024)] = 16
 
     def _ramp(self, x: torch.Tensor) -> torch.Tensor:
         """``l * x - k`` as (N, C, l, H, W)."""

@@ -9,21 +9,20 @@ total-variance minimization is not included: it solves an optimization problem p
 from __future__ import annotations
 
 import io
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field
 
+from advbench import params
 from advbench.defenses.base import InputTransform
 from advbench.errors import ConfigError
 from advbench.registry import DEFENSES
 
-
-def _whole(name: str, value: int, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{name} must be a whole number in [{low}, {high}], got {value!r}")
-    return value
+#: a JPEG quality, 1 (worst) to 100 (best), as Pillow takes it
+Quality = Annotated[params.Count, Field(le=100)]
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -45,8 +44,8 @@ class JPEG(InputTransform):
 
     differentiable: ClassVar[bool] = False
 
-    def __init__(self, *, quality: int = 75) -> None:
-        self.quality = _whole("quality", quality, 1, 100)
+    class Params(params.Params):
+        quality: Quality = 75
 
     def transform(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] not in (1, 3):
@@ -79,8 +78,8 @@ class BitDepth(InputTransform):
 
     differentiable: ClassVar[bool] = False
 
-    def __init__(self, *, bits: int = 4) -> None:
-        self.bits = _whole("bits", bits, 1, 8)
+    class Params(params.Params):
+        bits: Annotated[params.Count, Field(le=8)] = 4
 
     def transform(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         top = 2**self.bits - 1
@@ -110,8 +109,8 @@ class Median(InputTransform):
 
     differentiable: ClassVar[bool] = True
 
-    def __init__(self, *, size: int = 3) -> None:
-        self.size = _whole("size", size, 2, 15)
+    class Params(params.Params):
+        size: Annotated[params.Count, Field(ge=2, le=15)] = 3
 
     def transform(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         k = self.size

@@ -58,6 +58,7 @@ from advbench.eval.tables import robust_accuracy_matrix, robust_accuracy_table
 from advbench.eval.worker import InProcessExecutor, Worker, checked_logits, examples_digest
 from advbench.files import atomic_write_text, write_npz_rows
 from advbench.loading import load_data
+from advbench.params import check_whole
 from advbench.provenance import device_info, resolve_device, timestamp, versions
 from advbench.store import ResultStore
 from advbench.threat import Knowledge, quantize_8bit
@@ -113,8 +114,8 @@ def evaluate(
     data_spec = config.data.model_dump(mode="json")
     data = load_data(data_spec)
     indices = data.sample_indices(config.data.n, config.seed).numpy()
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"threads must be a whole number >= 1, got {threads!r}")
+    if threads is not None:
+        check_whole(threads, "threads", 1)
     worker = Worker(device, amp=config.amp, threads=threads)
     worker.preload_data(data_spec, data)
     notes = preflight(config, data, indices, worker)

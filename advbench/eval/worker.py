@@ -118,6 +118,7 @@ class Worker:
         self._views: dict[str, nn.Module] = {}
         self._clean: dict[str, CleanPass] = {}
         self._digests: dict[str, str] = {}
+        self._attacks: dict[str, Attack] = {}  # one instance per attack spec (a transfer source loads once)
         # the last minimal-perturbation run, reused by the jobs of its other eps (planned next to it)
         self._sweep: tuple[tuple[str, bytes], AttackResult, float] | None = None
 
@@ -236,7 +237,10 @@ class Worker:
         idx = torch.tensor(job.indices, dtype=torch.long)
         x, y = data.x[idx].to(self.device), data.y[idx].to(self.device)
         threat = ThreatModel.from_dict(job.threat)
-        attack = ATTACKS.create(job.attack["name"], **job.attack["params"])
+        key = stable_hash([job.attack["name"], job.attack["params"]])
+        if key not in self._attacks:  # attacks are stateless configs: one serves every job of its spec
+            self._attacks[key] = ATTACKS.create(job.attack["name"], **job.attack["params"])
+        attack = self._attacks[key]
         clean = self.clean_pass(job, deployed, randomized, x)  # also checks the model returns logits
         return Context(x, y, deployed, randomized, threat, attack, clean, job_targets(job, threat, clean, y))
 

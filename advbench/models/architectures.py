@@ -27,7 +27,6 @@ just the architecture name and ``in_channels``; :func:`rebuild` builds the same 
 
 from __future__ import annotations
 
-import difflib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import torch
 from torch import nn
 
 from advbench.defenses.base import DefendedModel
-from advbench.errors import ConfigError, UnknownNameError
+from advbench.errors import ConfigError, unknown_name
 from advbench.models.layers import CIFAR10_MEAN, CIFAR10_STD, MNIST_MEAN, MNIST_STD, Normalize, conv_bn_relu
 from advbench.registry import DEFENSES
 
@@ -144,11 +143,7 @@ def get(name: str) -> Architecture:
     try:
         return ARCHITECTURES[name]
     except KeyError:
-        close = difflib.get_close_matches(name, list(ARCHITECTURES), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise UnknownNameError(
-            f"unknown architecture {name!r}{hint} (available: {', '.join(sorted(ARCHITECTURES))})"
-        ) from None
+        raise unknown_name("architecture", name, ARCHITECTURES) from None
 
 
 def build(name: str, *, seed: int = 0) -> nn.Module:

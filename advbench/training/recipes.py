@@ -22,8 +22,9 @@
                    gradient backward), not by the paper's LS-PGA in code space.
 =================  ==========================================================================
 
-Each recipe's parameters are a pydantic model (unknown or bad values are one-line
-ConfigErrors). ``eps`` may be written as a fraction (``"8/255"``).
+Each recipe is registered in :data:`advbench.registry.RECIPES` (``advbench list recipes``) and
+declares its parameters once, as a pydantic ``Params`` class (:mod:`advbench.params`): unknown or
+bad values are one-line ConfigErrors. ``eps`` may be written as a fraction (``"8/255"``).
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
+from pydantic import model_validator
+
+from advbench import params
 from advbench.defenses.base import adaptive
-from advbench.specs import _Strict, parse_number, validated
-from advbench.errors import ConfigError
+from advbench.registry import RECIPES
+from advbench.specs import parse_number
 from advbench.training import perturb
 
 
@@ -50,11 +54,7 @@ class Phase(NamedTuple):
 
 
 # ---------------------------------------------------------------------------- parameters
-class _NoParams(_Strict):
-    pass
-
-
-class _EpsParams(_Strict):
+class _EpsParams(params.Params):
     eps: float
 
     @field_validator("eps", mode="before")
@@ -87,7 +87,7 @@ class TradesParams(_PGDParams):
     beta: float = Field(default=6.0, ge=0)
 
 
-class DistillationParams(_Strict):
+class DistillationParams(params.Params):
     temperature: float = Field(default=100.0, gt=0)
     teacher_epochs: int | None = Field(default=None, ge=1)
 
@@ -97,16 +97,20 @@ class ThermometerParams(_PGDParams):
     adversarial: bool = False
     eps: float | None = None  # type: ignore[assignment]  (needed only with adversarial: true)
 
+    @model_validator(mode="after")
+    def _adversarial_needs_eps(self) -> ThermometerParams:
+        if self.adversarial and self.eps is None:
+            raise ValueError("adversarial: true needs eps")
+        return self
+
 
 # ---------------------------------------------------------------------------- recipes
-class TrainingRecipe:
+@RECIPES.register("plain", description="Standard training: cross-entropy on the clean batch")
+class TrainingRecipe(params.Configurable):
     """The plain recipe; subclasses change the batch loss, the phases or the deployed model."""
 
+    plugin_kind: ClassVar[str] = "recipe"
     name: ClassVar[str] = "plain"
-    Params: ClassVar[type[_Strict]] = _NoParams
-
-    def __init__(self, params: _Strict) -> None:
-        self.p = params
 
     @property
     def eps(self) -> float | None:
@@ -145,6 +149,7 @@ def _attack_view(model: nn.Module) -> nn.Module:
     return adaptive(model)
 
 
+@RECIPES.register("madry", description="PGD adversarial training (Madry et al. 2018)")
 class Madry(TrainingRecipe):
     name = "madry"
     Params = _PGDParams
@@ -156,6 +161,7 @@ class Madry(TrainingRecipe):
         )
 
 
+@RECIPES.register("fast", description="FGSM from a random start (Wong et al. 2020)")
 class Fast(TrainingRecipe):
     name = "fast"
     Params = FastParams
@@ -167,6 +173,7 @@ class Fast(TrainingRecipe):
         return perturb.fgsm_random_start(_attack_view(model), x, y, eps=self.p.eps, alpha=self.alpha(), generator=g)
 
 
+@RECIPES.register("trades", description="TRADES: CE plus beta KL to PGD examples (Zhang et al. 2019)")
 class Trades(TrainingRecipe):
     name = "trades"
     Params = TradesParams
@@ -182,6 +189,7 @@ class Trades(TrainingRecipe):
         return F.cross_entropy(logits, t) + self.p.beta * robust
 
 
+@RECIPES.register("distillation", description="Defensive distillation at temperature T (Papernot et al. 2016)")
 class Distillation(TrainingRecipe):
     name = "distillation"
     Params = DistillationParams
@@ -208,6 +216,7 @@ def soft_labels(teacher: nn.Module, x: torch.Tensor, temperature: float, batch_s
         return torch.cat([F.softmax(teacher(xb) / temperature, dim=1) for xb in x.split(batch_size)])
 
 
+@RECIPES.register("thermometer", description="A classifier on thermometer codes (Buckman et al. 2018)")
 class ThermometerRecipe(TrainingRecipe):
     name = "thermometer"
     Params = ThermometerParams
@@ -232,20 +241,6 @@ class ThermometerRecipe(TrainingRecipe):
         )
 
 
-RECIPES: dict[str, type[TrainingRecipe]] = {
-    r.name: r for r in (TrainingRecipe, Madry, Fast, Trades, Distillation, ThermometerRecipe)
-}
-
-
-def make_recipe(name: str, params: dict[str, Any] | None = None) -> TrainingRecipe:
-    """The recipe ``name`` with its parameters validated (one-line ConfigError on bad input)."""
-    cls = RECIPES.get(name)
-    if cls is None:
-        raise ConfigError(f"unknown recipe {name!r} (available: {', '.join(RECIPES)})")
-    try:
-        p = validated(cls.Params, dict(params or {}), f"recipe {name!r} parameters")
-    except ConfigError as exc:
-        raise ConfigError(str(exc).replace("invalid config: ", f"invalid config: recipe {name!r}: ", 1)) from None
-    if isinstance(p, ThermometerParams) and p.adversarial and p.eps is None:
-        raise ConfigError("invalid config: recipe 'thermometer': adversarial: true needs eps")
-    return cls(p)
+def make_recipe(name: str, values: dict[str, Any] | None = None) -> TrainingRecipe:
+    """The registered recipe ``name`` with its parameters validated (one-line ConfigError)."""
+    return RECIPES.create(name, **dict(values or {}))

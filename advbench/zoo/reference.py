@@ -1,15 +1,17 @@
 """The reference models: the architectures of :mod:`advbench.models.architectures`, each with a
 recipe the training loop (:mod:`advbench.training.loop`) runs, shipped trained, with a card.
 
-=============== ========= ===================================== ==================
-name            input     training data (reported accuracy on)  training, 1 thread
-=============== ========= ===================================== ==================
-``digits-mlp``  1x8x8     digits ``train`` (``test``)           about 1 s
-``digits-cnn``  1x8x8     digits ``train`` (``test``)           about 1 s
-``mnist-cnn``   1x28x28   mnist ``test-train`` (``test-eval``)  about 5 s
+=============== ========= =====================================
+name            input     training data (reported accuracy on)
+=============== ========= =====================================
+``digits-mlp``  1x8x8     digits ``train`` (``test``)
+``digits-cnn``  1x8x8     digits ``train`` (``test``)
+``mnist-cnn``   1x28x28   mnist ``test-train`` (``test-eval``)
                           or ``train`` (``test``) if present
-``cifar10-cnn`` 3x32x32   cifar10 ``train`` (``test``)          about a minute
-=============== ========= ===================================== ==================
+``cifar10-cnn`` 3x32x32   cifar10 ``train`` (``test``)
+=============== ========= =====================================
+
+(Each card records its training time and accuracy; the README's model table quotes them.)
 
 Every registered factory has the signature ``(pretrained: bool = True, root: str | None =
 None)`` and returns the model in eval mode, taking inputs in [0, 1] (normalization is its first
@@ -38,7 +40,6 @@ written by hand; :func:`model_card` returns it.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import inspect
 import json
@@ -57,7 +58,7 @@ from torch import nn
 from advbench.data.base import ImageData
 from advbench.data.mnist import find_idx_pair
 from advbench.data.paths import cache_dir, data_root
-from advbench.errors import ConfigError, DataError, UnknownNameError
+from advbench.errors import ConfigError, DataError, unknown_name
 from advbench.files import atomic_write, file_lock
 from advbench.models import architectures
 from advbench.models.layers import count_parameters
@@ -217,12 +218,11 @@ def zoo_names() -> list[str]:
 
 
 def get_spec(name: str) -> ZooSpec:
+    """The zoo entry ``name`` (an UnknownNameError with close matches otherwise)."""
     try:
         return ZOO[name]
     except KeyError:
-        close = difflib.get_close_matches(name, list(ZOO), n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise UnknownNameError(f"unknown zoo model {name!r}{hint} (available: {', '.join(zoo_names())})") from None
+        raise unknown_name("zoo model", name, ZOO) from None
 
 
 def select_recipe(name: str, root: str | None = None) -> tuple[Recipe, str]:
