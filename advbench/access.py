@@ -94,6 +94,12 @@ class ScoreOracle(_Oracle):
     def __call__(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         return self._logits(x, index).float().softmax(dim=1)
 
+    def log_scores(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The log of the probabilities :meth:`__call__` returns, computed without underflow: the
+        same information (the logits up to a per-row constant), so margins of confident models
+        stay finite. Counted as one query per row, like ``__call__``."""
+        return self._logits(x, index).float().log_softmax(dim=1)
+
 
 class LabelOracle(_Oracle):
     """Decision-based access: predicted labels only."""
