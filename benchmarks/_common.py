@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+
+import torch
+from torch import nn
 
 
 def publish(text: str, out: str) -> None:
@@ -15,3 +19,17 @@ def publish(text: str, out: str) -> None:
     with open(out, "w") as fh:
         fh.write(text)
     print(f"wrote {out}", file=sys.stderr)
+
+
+def norm_of(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-example l2 or linf size of ``delta``, in float64."""
+    flat = delta.flatten(1).double()
+    return flat.norm(dim=1) if norm == "l2" else flat.abs().amax(dim=1)
+
+
+def distances_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-example size of ``x_adv - x``, +inf where the model does not misclassify ``x_adv``."""
+    with torch.no_grad():
+        fooled = model(x_adv).argmax(dim=1) != y
+    d = norm_of(x_adv - x, norm)
+    return torch.where(fooled, d, torch.full_like(d, math.inf))

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from _common import publish  # benchmarks/ is on sys.path when a script runs
+from _common import distances_of, publish  # benchmarks/ is on sys.path when a script runs
 
 from advbench.attacks.lbfgs import attack_loss
 from advbench.data.digits import load_digits
@@ -73,17 +73,6 @@ class Comparison:
     contenders: list[Contender]
 
 
-def norm_of(delta: torch.Tensor, norm: str) -> torch.Tensor:
-    flat = delta.flatten(1).double()
-    return flat.norm(dim=1) if norm == "l2" else flat.abs().amax(dim=1)
-
-
-def distances_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-example size of ``x_adv - x``, +inf where ``x_adv`` is not misclassified."""
-    with torch.no_grad():
-        fooled = model(x_adv).argmax(dim=1) != y
-    d = norm_of(x_adv - x, norm)
-    return torch.where(fooled, d, torch.full_like(d, math.inf))
 
 
 def ours(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str, **params) -> Callable[[], torch.Tensor]:
