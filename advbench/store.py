@@ -52,6 +52,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     view TEXT,
     minimal INTEGER,
     probe INTEGER,
+    suite TEXT,
+    suite_cascade INTEGER,
     PRIMARY KEY (config_hash, job_key)
 );
 CREATE TABLE IF NOT EXISTS examples (
@@ -87,9 +89,10 @@ CREATE TABLE IF NOT EXISTS plans (
 
 #: what a job's row is, beside its label: the attack's registry name and kind (single_step,
 #: iterative, minimal, score_based, decision_based, transfer, other), the view it attacked
-#: (naive or adaptive), whether it is a minimal-perturbation attack and whether a masking probe
+#: (naive or adaptive), whether it is a minimal-perturbation attack and whether a masking probe;
+#: for a suite's component (AutoAttack's), the suite's label and whether the suite cascaded
 IDENTITY_COLUMNS = {"attack_name": "TEXT", "attack_kind": "TEXT", "view": "TEXT", "minimal": "INTEGER",
-                    "probe": "INTEGER"}
+                    "probe": "INTEGER", "suite": "TEXT", "suite_cascade": "INTEGER"}
 
 #: a randomized deployed model is scored over several draws of its randomness: per example, the
 #: clean and the adversarial prediction in each draw, comma-separated (NULL for deterministic models)
@@ -121,6 +124,8 @@ class JobRecord:
     view: str = "naive"
     minimal: bool = False
     probe: bool = False
+    suite: str | None = None
+    suite_cascade: bool = False
 
 
 class ResultStore:
@@ -224,14 +229,15 @@ class ResultStore:
             cur.execute(
                 "INSERT INTO jobs(config_hash, job_key, model, defense, threat_json, attack, attack_params_json, shard, "
                 "n, n_attacked, seconds, n_forward, n_backward, n_queries, violations, quantization_failures, seed, "
-                "finished, attack_name, attack_kind, view, minimal, probe) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "finished, attack_name, attack_kind, view, minimal, probe, suite, suite_cascade) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     config_hash, rec.job_key, rec.model, rec.defense, json.dumps(rec.threat, sort_keys=True),
                     rec.attack, json.dumps(rec.attack_params, sort_keys=True, default=str), rec.shard,
                     len(rec.examples), n_attacked, rec.seconds, rec.n_forward, rec.n_backward, rec.n_queries,
                     rec.violations, rec.quantization_failures, rec.seed, time.time(),
                     rec.attack_name, rec.attack_kind, rec.view, int(rec.minimal), int(rec.probe),
+                    rec.suite, int(rec.suite_cascade),
                 ),
             )
             cur.executemany(

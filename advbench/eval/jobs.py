@@ -41,6 +41,9 @@ class Job:
     draws: int = 1  # scoring draws (> 1 only for a randomized deployed model)
     #: digests of what the job evaluates: the model's weights (or file bytes) and the shard's examples
     content: dict[str, str] = field(default_factory=dict)
+    #: a minimal-perturbation suite component in a cascade: ``after`` of every eps of its sweep
+    #: (its one search covers the points still robust at any of them)
+    sweep_after: tuple[tuple[str, ...], ...] = ()
 
     @property
     def key(self) -> str:
@@ -57,6 +60,8 @@ class Job:
             d.pop("draws")
         if not content or not d["content"]:
             d.pop("content")
+        if not d["sweep_after"] or not content:  # (its keys hold content digests: seeds stay content-free)
+            d.pop("sweep_after")
         return d
 
     @property
@@ -115,6 +120,7 @@ class Job:
     def from_json(cls, s: str) -> Job:
         d = json.loads(s)
         d["indices"], d["after"] = tuple(d["indices"]), tuple(d["after"])
+        d["sweep_after"] = tuple(tuple(a) for a in d.get("sweep_after", ()))
         return cls(**d)
 
 

@@ -24,8 +24,9 @@ Codes and rules (``tol`` = max(3 examples / n, 1%); robust accuracies are fracti
   below an iterative one (``kind`` ``iterative``: bim, pgd). Flags the iterative attack. The kinds
   are read from the store's job rows, never parsed from labels.
 - ``black_box``: at the same norm, eps and targeting, a score-based, decision-based or transfer
-  attack leaves robust accuracy more than ``tol`` below the best white-box attack of a view.
-  Flags the white-box rows of that view.
+  attack (or such an attack, by its ``kind``, run under a white-box threat: AutoAttack's Square)
+  leaves robust accuracy more than ``tol`` below the best white-box gradient attack of a view
+  (a suite's own row is not one). Flags the white-box rows of that view.
 - ``grad_zero``: the input gradient of the cross-entropy is exactly zero on more than
   :data:`ZERO_GRAD_SHARE` of :data:`GRAD_EXAMPLES` examples (measured on the model the attack is
   handed). ``grad_nan``: any gradient entry is NaN or infinite. ``grad_nondet``: on a model
@@ -33,6 +34,10 @@ Codes and rules (``tol`` = max(3 examples / n, 1%); robust accuracies are fracti
   :data:`NONDET_RTOL` of their largest entry. Each flags the white-box rows of that view.
 - ``probs``: the model's outputs are non-negative and sum to 1 (within 1e-3) on every example:
   it returns probabilities, not logits. Flags every attack row of the model and defense.
+- ``dynamic``: the model's forward pass itself calls autograd (``torch.autograd.grad`` or
+  ``backward``): a test-time-optimization ("dynamic") defense, which AutoAttack, like every
+  attack on its static forward, may not evaluate adequately (AutoAttack's ``check_dynamic``).
+  Flags every attack row of the model, defense and view.
 
 ``worst-case`` rows take part in ``eps_flat`` only.
 """
@@ -40,6 +45,7 @@ Codes and rules (``tol`` = max(3 examples / n, 1%); robust accuracies are fracti
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -71,6 +77,7 @@ FLAGS: dict[str, str] = {
     "grad_nan": "the input gradients are NaN or infinite",
     "grad_nondet": "the input gradients differ between two runs on a model declared deterministic",
     "probs": "the model returns probabilities instead of logits",
+    "dynamic": "the model's forward pass computes gradients (a test-time-optimization defense)",
 }
 
 ADVICE: dict[str, str] = {
@@ -91,6 +98,8 @@ ADVICE: dict[str, str] = {
                    "and it is scored over draws), or fix its seed",
     "probs": "losses on probabilities saturate and their gradients vanish: return logits (drop the final "
              "softmax), or attack with a margin loss",
+    "dynamic": "attacks on the static forward may not evaluate it: attack the whole procedure adaptively "
+               "(BPDA through its optimization, EoT over its randomness) and check transfer from a static copy",
 }
 
 
@@ -109,7 +118,15 @@ def attack_info(jobs: pd.DataFrame) -> dict[str, AttackInfo]:
     for r in jobs.itertuples():
         if r.attack not in out:
             out[r.attack] = AttackInfo(name=r.attack_name or r.attack, view=r.view or "naive", kind=r.attack_kind or "other")
+        suite = getattr(r, "suite", None)
+        if isinstance(suite, str) and suite not in out:  # a suite's own row (its components' worst case)
+            out[suite] = AttackInfo(name=suite, view=r.view or "naive", kind="suite")
     return out
+
+
+#: attack kinds that see no gradient: under a white-box threat (AutoAttack's Square reads the
+#: white-box model's scores) they are compared with the gradient attacks like black-box attackers
+NO_GRADIENT_KINDS = frozenset({"score_based", "decision_based", "transfer"})
 
 
 @dataclass(frozen=True)
@@ -205,13 +222,18 @@ def check_single_step(table: pd.DataFrame, info: dict[str, AttackInfo] | None = 
 
 
 def check_black_box(table: pd.DataFrame, info: dict[str, AttackInfo] | None = None) -> list[Finding]:
-    """``black_box``: an attack that sees no gradient beats every white-box attack of a view."""
+    """``black_box``: an attack that sees no gradient (a score-, decision-based or transfer attacker,
+    or such an attack run under a white-box threat, as AutoAttack runs Square) beats every
+    gradient attack of a view. With a cascaded suite's cumulative rows this is AutoAttack's own
+    check that Square, run last, broke points the white-box components left robust."""
     get = _lookup(info)
     out: list[Finding] = []
     rows = table[~worst_case_rows(table)]
     for (model, defense, norm, eps, targeting), g in rows.groupby(
             ["model", "defense", "norm", "eps", "targeting"], sort=False):
-        black, white = g[g.knowledge != "white_box"], g[g.knowledge == "white_box"]
+        kinds = g.attack.map(lambda a: get(a).kind)
+        no_gradient = (g.knowledge != "white_box") | kinds.isin(NO_GRADIENT_KINDS)
+        black, white = g[no_gradient], g[~no_gradient & (kinds != "suite")]
         if black.empty or white.empty:
             continue
         tol = tolerance(int(g.n.min()))
@@ -271,6 +293,7 @@ class GradientStats:
     nonfinite: int  # examples with a NaN or infinite gradient entry
     max_diff: float | None  # max |g1 - g2| / max |g1| over two runs; None: not measured (randomized)
     probabilities: bool  # every output row non-negative and summing to 1
+    dynamic: bool = False  # the forward pass called autograd
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -297,6 +320,7 @@ def gradient_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, determ
     """Measure ``model`` on ``(x, y)``: outputs once, the input gradient twice when ``deterministic``."""
 
     with frozen(model):
+        dynamic = calls_autograd(model, x)
         out, g1 = _input_gradient(model, x, y)
         max_diff = None
         if deterministic:
@@ -311,7 +335,33 @@ def gradient_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, determ
         nonfinite=int((~torch.isfinite(flat)).any(dim=1).sum()),
         max_diff=max_diff,
         probabilities=is_probabilities(out),
+        dynamic=dynamic,
     )
+
+
+#: what a forward pass that runs autograd calls (the entry points of ``torch.autograd``)
+_AUTOGRAD_CALLS = frozenset({"grad", "backward", "_make_grads"})
+
+
+def calls_autograd(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether one forward pass of ``model`` on ``x`` calls into autograd (AutoAttack's
+    ``check_dynamic``): Python-level calls traced for the duration of that one pass."""
+    seen = False
+
+    def trace(frame: Any, event: str, arg: Any) -> None:
+        nonlocal seen
+        code = frame.f_code
+        if event == "call" and code.co_name in _AUTOGRAD_CALLS and "autograd" in code.co_filename:
+            seen = True
+        return None
+
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        model(x)  # as an attack would call it (a dynamic defense may need gradients enabled)
+    finally:
+        sys.settrace(previous)
+    return seen
 
 
 def gradient_findings(stats: GradientStats, where: dict[str, Any], where_all: dict[str, Any] | None = None,
@@ -331,6 +381,8 @@ def gradient_findings(stats: GradientStats, where: dict[str, Any], where_all: di
     if stats.probabilities:
         out.append(Finding("probs", f"every output row is non-negative and sums to 1 {seen_on}",
                            where if where_all is None else where_all))
+    if stats.dynamic:
+        out.append(Finding("dynamic", f"its forward pass calls torch.autograd {seen_on}", where))
     return out
 
 

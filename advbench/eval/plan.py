@@ -76,8 +76,11 @@ def _attack_spec(name: str, params: dict[str, Any], label: str, view: dict[str, 
 
 
 def attack_order(config: BenchmarkConfig) -> list[str]:
-    """Attack labels in table order: each config entry, then its adaptive variants."""
-    return [label + suffix for label in config.attack_labels() for suffix in ("", "+bpda", "+eot", "+bpda+eot")]
+    """Attack labels in table order: each config entry (a suite's components, then the suite),
+    then its adaptive variants."""
+    suites = suite_labels(config)
+    return [name + suffix for label in config.attack_labels() for suffix in ("", "+bpda", "+eot", "+bpda+eot")
+            for name in [*suites.get(label, []), label]]
 
 
 def plan_jobs(config: BenchmarkConfig, indices: np.ndarray, save_adversarial: bool = False,
@@ -97,21 +100,66 @@ def plan_jobs(config: BenchmarkConfig, indices: np.ndarray, save_adversarial: bo
         content = [worker.content(data, mspec, shard) for shard in shards]
         draws = config.draws if mtags.randomized else 1
         views = attack_views(config, mtags) if threats[0].knowledge is Knowledge.WHITE_BOX else [("", None)]
-        earlier: dict[tuple[int, ThreatModel], list[str]] = {}
+        earlier: dict[tuple[int, ThreatModel], list[str]] = {}  # config.cascade: every earlier job
         for (attack, label), (suffix, view) in itertools.product(zip(config.attacks, labels), views):
-            minimal = bool(getattr(ATTACKS.get(attack.name).factory, "minimal", False))  # a class attribute
-            aspec = _attack_spec(attack.name, attack.params, label + suffix, view, **({"minimal": True} if minimal else {}))
             allowed = attack_threats(config, attack)
             planned = [t for t in threats if t in allowed]
-            order = ([(s, t) for s in range(len(shards)) for t in planned] if minimal
-                     else [(s, t) for t in planned for s in range(len(shards))])
-            for s, threat in order:
-                after = tuple(earlier.get((s, threat), [])) if config.cascade else ()
-                job = Job(data, mspec, dspec, threat.to_dict(), aspec, s, shards[s], config.seed, after,
-                          save_adversarial, draws, content[s])
-                earlier.setdefault((s, threat), []).append(job.key)
-                jobs.append(job)
+            if not planned:
+                continue
+            in_suite: dict[tuple[int, ThreatModel], list[str]] = {}  # a suite's cascade: its earlier components
+            for part in planned_parts(attack.name, attack.params, label, planned[0]):
+                minimal = bool(getattr(ATTACKS.get(part.name).factory, "minimal", False))  # a class attribute
+                extra = {**({"minimal": True} if minimal else {}),
+                         **({"suite": part.suite + suffix, "suite_cascade": part.cascade} if part.suite else {})}
+                aspec = _attack_spec(part.name, part.params, part.label + suffix, view, **extra)
+                order = ([(s, t) for s in range(len(shards)) for t in planned] if minimal
+                         else [(s, t) for t in planned for s in range(len(shards))])
+                suite_after = {(s, t): tuple(in_suite.get((s, t), [])) if part.cascade else () for s, t in order}
+                for s, threat in order:
+                    after = tuple(earlier.get((s, threat), [])) if config.cascade else ()
+                    after = after + tuple(k for k in suite_after[(s, threat)] if k not in after)
+                    sweep = tuple(suite_after[(s, t)] for t in planned) if minimal and part.cascade else ()
+                    job = Job(data, mspec, dspec, threat.to_dict(), aspec, s, shards[s], config.seed, after,
+                              save_adversarial, draws, content[s], sweep_after=sweep)
+                    earlier.setdefault((s, threat), []).append(job.key)
+                    in_suite.setdefault((s, threat), []).append(job.key)
+                    jobs.append(job)
     return jobs
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """What one config attack entry runs under a threat group: the attack itself, or each
+    component of a suite (AutoAttack), labelled ``<entry label>.<component>``."""
+
+    name: str
+    params: dict[str, Any]
+    label: str
+    suite: str | None = None  # the suite's label: its row is the components' per-example worst case
+    cascade: bool = False  # a suite component that runs only on the points its earlier components left robust
+
+
+def planned_parts(name: str, params: dict[str, Any], label: str, threat: ThreatModel) -> list[Part]:
+    """The attacks an entry runs under ``threat``'s group: a suite's components, else itself."""
+    attack = ATTACKS.create(name, **params)
+    parts = getattr(attack, "components", None)
+    if parts is None:
+        return [Part(name, params, label)]
+    cascade = bool(attack.params().get("cascade", True))
+    return [Part(c.attack, dict(c.params), f"{label}.{c.label}", label, cascade) for c in parts(threat)]
+
+
+def suite_labels(config: BenchmarkConfig) -> dict[str, list[str]]:
+    """Each suite entry's label and its components' labels (over every norm it can run under), in order."""
+    out: dict[str, list[str]] = {}
+    for attack, label in zip(config.attacks, config.attack_labels()):
+        for threat in attack_threats(config, attack):
+            for part in planned_parts(attack.name, attack.params, label, threat):
+                if part.suite:
+                    members = out.setdefault(part.suite, [])
+                    if part.label not in members:
+                        members.append(part.label)
+    return out
 
 
 def plan_probes(config: BenchmarkConfig, indices: np.ndarray, input_numel: int,

@@ -2,7 +2,10 @@
 
 ``robust_accuracy_table`` gives one row per model x defense x threat model x attack, plus a
 ``worst-case`` row per model x defense x threat model that counts an example as broken when
-any attack broke it. Definitions (n = evaluated examples):
+any attack broke it. A suite (AutoAttack) gets a row of its own, the worst case over its
+components, whose rows are cumulative when the suite cascaded (each component ran on the points
+the earlier ones left robust, so its row is the robust accuracy after it, as AutoAttack prints).
+Definitions (n = evaluated examples):
 
 - clean_accuracy = #(clean prediction correct) / n
 - robust_accuracy = #(clean correct and still correctly classified on every audited adversarial
@@ -167,6 +170,25 @@ class _Group:
             s_all[pos], b_all[pos] = success, brk
             self.parts.append((attack, ex, clean, success, brk, pos, s_all, b_all))
 
+    def only(self, attacks: Sequence[str]) -> _Group:
+        """The same group with the parts of ``attacks`` only."""
+        sub = object.__new__(_Group)
+        sub.index, sub.parts = self.index, [p for p in self.parts if p[0] in attacks]
+        return sub
+
+
+def _suites(jobs: pd.DataFrame) -> dict[str, tuple[list[str], bool]]:
+    """Each suite (AutoAttack) among ``jobs``: its components' labels and whether it cascaded."""
+    if "suite" not in jobs or jobs.suite.isna().all():
+        return {}
+    out: dict[str, tuple[list[str], bool]] = {}
+    for r in jobs[jobs.suite.notna()].itertuples():
+        members, _ = out.get(r.suite, ([], False))
+        if r.attack not in members:
+            members.append(r.attack)
+        out[r.suite] = (members, bool(r.suite_cascade))
+    return out
+
 
 def robust_accuracy_table(
     examples: pd.DataFrame,
@@ -201,14 +223,25 @@ def robust_accuracy_table(
         if "attacks" in order:
             attacks.sort(key=lambda a: order["attacks"].index(a) if a in order["attacks"] else len(order["attacks"]))
         g = _Group(group, attacks)
+        suites = _suites(gjobs)
+        suite_of = {m: name for name, (members, cascaded) in suites.items() if cascaded for m in members}
         succeeded = broken = None  # per example of the group and draw: by any attack so far
+        in_suite: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the same within each cascaded suite
         for attack, ex, clean, success, brk, pos, s_all, b_all in g.parts:
             succeeded = s_all if succeeded is None else succeeded | s_all
             broken = b_all if broken is None else broken | b_all
             if cascade:
                 success, brk = succeeded[pos], broken[pos]
+            elif attack in suite_of:  # a cascaded suite's rows are cumulative over its components
+                s_so_far, b_so_far = in_suite.get(suite_of[attack], (s_all, b_all))
+                s_so_far, b_so_far = s_so_far | s_all, b_so_far | b_all
+                in_suite[suite_of[attack]] = (s_so_far, b_so_far)
+                success, brk = s_so_far[pos], b_so_far[pos]
             rows.append({"model": model, "defense": defense, "attack": attack, **tcols,
                          **_row(ex, gjobs[gjobs.attack == attack], clean, success, brk, scoring)})
+        for name, (members, _) in suites.items():  # a suite's row: its components' per-example worst case
+            rows.append(_worst_row(model, defense, name, tcols, [g.only(members)],
+                                   gjobs[gjobs.attack.isin(members)], scoring))
         by_key.setdefault((model, defense, _worst_key(threat_json)), []).append((threat_json, g, gjobs))
     for (model, defense, _), members in by_key.items():
         several = len(members) > 1

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from advbench.attacks.autoattack import still_robust
 from advbench.attacks.base import Attack, AttackResult
 from advbench.audit import goal_met, predict, targetable
 from advbench.data.base import ImageData
@@ -250,10 +251,21 @@ class Worker:
         them); in cascade mode only the points earlier attacks left robust. A minimal-perturbation
         attack searches every such point in every mode, so its distances mean the same."""
         todo = ctx.clean.correct(ctx.y) & targetable(ctx.y, ctx.target)
-        if job.after and self.robust_lookup is not None and not job.minimal:
-            still = self.robust_lookup(job.after)
-            todo &= torch.tensor([still.get(int(i), True) for i in job.indices], device=self.device)
+        if self.robust_lookup is None:
+            return todo
+        if job.after and not job.minimal:
+            return still_robust(todo, ~self._robust(job, job.after))
+        if job.sweep_after:  # a suite's minimal component: the points still robust at some eps of its sweep
+            robust_somewhere = torch.zeros_like(todo)
+            for after in job.sweep_after:
+                robust_somewhere |= self._robust(job, after) if after else torch.ones_like(todo)
+            return still_robust(todo, ~robust_somewhere)
         return todo
+
+    def _robust(self, job: Job, after: tuple[str, ...]) -> torch.Tensor:
+        """Per example of the job: no job of ``after`` broke it."""
+        still = self.robust_lookup(after)  # type: ignore[misc]
+        return torch.tensor([still.get(int(i), True) for i in job.indices], device=self.device)
 
     def attack(self, job: Job, ctx: Context, todo: torch.Tensor) -> Outcome:
         """Run the attack on the selected examples; its audit judges them on the deployed model."""
@@ -374,6 +386,8 @@ def record(job: Job, ctx: Context, todo: torch.Tensor, out: Outcome, seconds: fl
         view=job.view,
         minimal=job.minimal,
         probe=job.probe,
+        suite=job.attack.get("suite"),
+        suite_cascade=bool(job.attack.get("suite_cascade")),
     )
 
 
