@@ -180,15 +180,27 @@ def _pct(value: float | None) -> str | None:
     return None if value is None else f"{100 * value:.2f}"
 
 
+def _standard_autoattack_labels(entry: dict[str, Any]) -> list[str]:
+    """The row labels of the entry's config's ``autoattack`` attacks run as ``version: standard``."""
+    labels = []
+    for spec in (entry.get("config") or {}).get("attacks", []):
+        if isinstance(spec, dict) and spec.get("name") == "autoattack" \
+                and (spec.get("params") or {}).get("version", "standard") == "standard":
+            labels.append(spec.get("label") or "autoattack")
+    return labels
+
+
 def to_robustbench(entry: dict[str, Any]) -> dict[str, Any]:
     """The entry in RobustBench's model-info form (``model_info/<dataset>/<Threat>/<name>.json``).
 
     RobustBench writes accuracies as percent strings and eps as a string. Our robust accuracy
     is the worst case over the suite's attacks, not AutoAttack, so ``autoattack_acc`` is only
-    filled when the suite ran AutoAttack; otherwise the footnote carries our number.
+    filled when the suite ran ``autoattack`` with ``version: standard`` (RobustBench's number:
+    the suite's row, the per-example worst case over its components); otherwise the footnote
+    carries our number.
     """
     attacks = entry.get("attacks", {})
-    auto = [v for k, v in attacks.items() if k.lower().startswith("autoattack")]
+    auto = [attacks[label] for label in _standard_autoattack_labels(entry) if label in attacks]
     footnote = None
     if not auto:
         footnote = (f"advbench worst case over {', '.join(sorted(attacks))}: "

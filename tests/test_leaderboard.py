@@ -132,7 +132,13 @@ def test_entries_are_numbers_and_the_schema_round_trips():
         for v in (e["clean_accuracy"], e["robust_accuracy"], *e["attacks"].values()):
             assert isinstance(v, float) and 0 <= v <= 1
         assert e["robust_accuracy"] <= min(e["attacks"].values()) and isinstance(e["n"], int)
-        assert set(e["attacks"]) == {"fgsm", "pgd", "deepfool"} and e["n"] == (200 if name.startswith("mnist") else 360)
+        auto = {"autoattack", *(f"autoattack.{c}" for c in ("apgd-ce", "apgd-t", "fab-t", "square"))}
+        with_auto = not name.startswith("mnist")  # suite.yaml runs AutoAttack, suite-mnist.yaml does not
+        assert set(e["attacks"]) == {"fgsm", "pgd", "deepfool", *(auto if with_auto else ())}
+        assert e["n"] == (200 if name.startswith("mnist") else 360)
+        if with_auto:  # the suite's row is its per-example worst case, and the last cumulative component's
+            assert e["attacks"]["autoattack"] == e["attacks"]["autoattack.square"] <= e["attacks"]["autoattack.apgd-ce"]
+            assert lb.to_robustbench(e)["autoattack_acc"] == f"{100 * e['attacks']['autoattack']:.2f}"
         assert e["config"]["seed"] == e["seed"] and len(e["config_hash"]) == 16 and e["versions"]["torch"]
 
 
@@ -164,15 +170,26 @@ def test_the_committed_pages_match_the_entries():
 
 def test_to_robustbench():
     e = lb.load_entries(REAL)["digits-cnn__none__linf-0.1"]
-    rb = lb.to_robustbench(e)
+    plain = {**e, "attacks": {k: v for k, v in e["attacks"].items() if not k.startswith("autoattack")},
+             "config": {**e["config"], "attacks": [a for a in e["config"]["attacks"] if a["name"] != "autoattack"]}}
+    rb = lb.to_robustbench(plain)
     assert set(rb) == {"link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
                        "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "footnote"}
     assert rb["eps"] == "0.1" and rb["dataset"] == "digits" and rb["number_forward_passes"] == 1
     assert rb["clean_acc"] == f"{100 * e['clean_accuracy']:.2f}" and rb["autoattack_acc"] is None
     assert f"{100 * e['robust_accuracy']:.2f}%" in rb["footnote"] and "not AutoAttack" in rb["footnote"]
     assert rb["architecture"].startswith("CNN") and rb["authors"] is None and rb["venue"] is None
-    with_aa = {**e, "attacks": {**e["attacks"], "autoattack": 0.25}}
-    assert lb.to_robustbench(with_aa)["autoattack_acc"] == "25.00" and lb.to_robustbench(with_aa)["footnote"] is None
+
+    def run(spec: dict, rows: dict) -> dict:
+        return lb.to_robustbench({**plain, "attacks": {**plain["attacks"], **rows},
+                                  "config": {**plain["config"], "attacks": [*plain["config"]["attacks"], spec]}})
+
+    suite = {"autoattack": 0.25, "autoattack.apgd-ce": 0.3, "autoattack.square": 0.2}  # components: cumulative rows
+    got = run({"name": "autoattack", "params": {}, "label": None}, suite)
+    assert got["autoattack_acc"] == "25.00" and got["footnote"] is None  # the suite's row, not the smallest row
+    assert run({"name": "autoattack", "params": {"version": "standard"}, "label": "aa"}, {"aa": 0.2})["autoattack_acc"] == "20.00"
+    assert run({"name": "autoattack", "params": {"version": "plus"}, "label": None}, suite)["autoattack_acc"] is None
+    assert run({"name": "pgd", "params": {}, "label": "autoattack-like"}, {"autoattack-like": 0.1})["autoattack_acc"] is None
 
 
 @pytest.mark.parametrize("args, fragment", [
