@@ -83,7 +83,7 @@ class Replay(Square):
 
     def setup(self) -> None:
         self.corners: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.draws: list[torch.Tensor] = []
+        self.uniform: list[torch.Tensor] = []
         self.signs: list[torch.Tensor] = []
 
     def _corners(self, *args, **kw):
@@ -93,7 +93,7 @@ class Replay(Square):
 
     def _draw(self, *args, **kw):
         out = super()._draw(*args, **kw)
-        self.draws.append(out)
+        self.uniform.append(out)
         return out
 
     def _signs(self, *args, **kw):
@@ -122,16 +122,19 @@ def reference_l2_update(x, best, eps, s, corners1, corners2, flip, sign):
     return (x.double() + delta / (delta.pow(2).sum().sqrt() + 1e-12) * eps).clamp(0, 1)
 
 
+@pytest.mark.parametrize("draws", ["batch", "example"])
 @pytest.mark.parametrize("shape, s", [((3, 12, 10), 5), ((1, 8, 8), 3), ((2, 9, 9), 9)])
-def test_l2_update_is_the_references_window_redistribution(shape, s):
+def test_l2_update_is_the_references_window_redistribution(shape, s, draws):
     k = 6
     x = torch.rand((k, *shape), generator=gen(1))
     threat = ThreatModel(norm="l2", eps=1.5)
-    attack = Replay()
+    attack = Replay(draws=draws)
     best = attack._init_l2(x, threat, gen(2))
     cand = attack._candidate_l2(x, best, s, threat, gen(3))
-    (h1, w1), (h2, w2) = attack.corners
-    flips, sign = (attack.draws[-2] > 0.5).long(), attack.signs[-1]
+    # windows and orientation: one draw for the batch (the reference's) or one per example
+    (h1, w1), (h2, w2) = [(a.expand(k), b.expand(k)) for a, b in attack.corners]
+    assert h1.numel() == k and (draws == "example" or len(set(h1.tolist())) == 1)
+    flips, sign = (attack.uniform[-2] > 0.5).long().expand(k), attack.signs[-1]
     h, w = shape[1:]
     assert int(h1.max()) < max(h - s, 1) and int(w1.max()) < max(w - s, 1)  # the reference's range
     for i in range(k):
@@ -141,17 +144,23 @@ def test_l2_update_is_the_references_window_redistribution(shape, s):
     assert (threat.distance(cand, x) <= 1.5 + 1e-5).all()
 
 
+@pytest.mark.parametrize("draws", ["batch", "example"])
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 28, 28), (2, 17, 13)])
-def test_l2_start_is_the_references_tiling(shape):
+def test_l2_start_is_the_references_tiling(shape, draws):
     k = 4
     x = torch.rand((k, *shape), generator=gen(4)) * 0.5 + 0.25  # away from the bounds: no clipping
     threat = ThreatModel(norm="l2", eps=2.0)
-    attack = Replay()
+    attack = Replay(draws=draws)
     start = attack._init_l2(x, threat, gen(5))
-    flips, signs = (attack.draws[0] > 0.5).long(), attack.signs[0]
     c, h, w = shape
     s = h // 5
     sp = (h - 5 * s) // 2
+    if draws == "example":
+        flips, signs = (attack.uniform[0] > 0.5).long(), attack.signs[0]
+    else:  # the reference's order: per block its orientation (one for the batch), then its signs
+        assert len(attack.signs) == (h // s) * (w // s) and all(d.shape == (1,) for d in attack.uniform[0::2])
+        flips = (torch.cat(attack.uniform[0::2]) > 0.5).long().view(1, h // s, w // s).expand(k, -1, -1)
+        signs = torch.cat(attack.signs, dim=2).view(k, c, h // s, w // s)
     for i in range(k):
         delta = torch.zeros(shape, dtype=torch.float64)
         vh = sp
@@ -168,29 +177,32 @@ def test_l2_start_is_the_references_tiling(shape):
     assert (threat.distance(start, x) <= 2.0 * (1 + 1e-6)).all()
 
 
-def test_linf_start_is_vertical_stripes_and_updates_are_squares():
+@pytest.mark.parametrize("draws", ["batch", "example"])
+def test_linf_start_is_vertical_stripes_and_updates_are_squares(draws):
     x = torch.rand((5, 3, 10, 10), generator=gen(6)) * 0.6 + 0.2
     threat = ThreatModel(norm="linf", eps=0.1)
-    attack = Replay()
+    attack = Replay(draws=draws)
     start = attack._init_linf(x, threat, gen(7))
     delta = start - x
     assert torch.allclose(delta.abs(), torch.full_like(delta, 0.1), atol=1e-6)
     assert torch.equal(delta.sign(), delta.sign()[:, :, :1].expand_as(delta))  # constant down each column
     cand = attack._candidate_linf(x, start, 4, threat, gen(8))
     (ch, cw), sign = attack.corners[0], attack.signs[-1]
+    ch, cw, sign = ch.expand(5), cw.expand(5), sign.expand(5, -1, -1, -1)  # batch: one draw for all
     for i in range(5):
         want = start[i].clone()
         r, c = int(ch[i]), int(cw[i])
         want[:, r:r + 4, c:c + 4] = x[i, :, r:r + 4, c:c + 4] + 0.1 * sign[i]
         assert torch.allclose(cand[i], want, atol=1e-7)
-    assert len({(int(a), int(b)) for a, b in zip(ch, cw)}) > 1, "the square position is drawn per example"
+    positions = {(int(a), int(b)) for a, b in zip(ch, cw)}
+    assert len(positions) > 1 if draws == "example" else len(positions) == 1
 
 
 def test_params_are_validated():
     attack = ATTACKS.create("square")
     assert attack.params() == {"queries": 5000, "p_init": 0.8, "restarts": 1, "loss": "margin",
-                               "rescale_schedule": True}
-    for bad in ({"queries": 0}, {"p_init": 0.0}, {"p_init": 1.5}, {"loss": "dlr"}, {"restarts": 0}):
+                               "rescale_schedule": True, "draws": "batch"}
+    for bad in ({"queries": 0}, {"p_init": 0.0}, {"p_init": 1.5}, {"loss": "dlr"}, {"restarts": 0}, {"draws": "pixel"}):
         with pytest.raises(ConfigError):
             ATTACKS.create("square", **bad)
     assert Square.kind == "score_based" and Square.randomized is True
@@ -201,10 +213,54 @@ def test_params_are_validated():
 
 
 # ---------------------------------------------------------------------- the attack
+def reference_square(model, x, label, norm, eps, queries, seed, targeted=False, rescale=True):
+    """pyautoattack's SquareAttack: per example, did it meet the goal (its own returned points)."""
+    peer = pyautoattack.SquareAttack(model, norm="Linf" if norm == "linf" else "L2", n_queries=queries, eps=eps,
+                                     p_init=0.8, seed=seed, targeted=targeted, device="cpu", resc_schedule=rescale)
+    with torch.random.fork_rng(), torch.no_grad():
+        pred = model(peer.perturb(x, label)).argmax(dim=1)
+    return pred == label if targeted else pred != label
+
+
 @pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 0.7)])
-def test_robust_accuracy_matches_pyautoattack(norm, eps, correct, digits_mlp):
-    """Robust accuracy of advbench's Square and pyautoattack's SquareAttack (500 queries, p_init 0.8)
-    on 100 correctly classified digits, averaged over 3 seeds per side.
+def test_same_seed_same_examples_broken_as_pyautoattack(norm, eps, correct, digits_mlp):
+    """``draws: batch`` replays the reference's draws from the same seed: over 3 seeds and 100
+    correctly classified digits (500 reference iterations = 501 queries with the first; the
+    schedule not rescaled, as AutoAttack runs Square), the same examples are broken. Float
+    rounding (advbench's L2 norms are float64) may flip an acceptance; under L2, where the
+    reference draws signs per example still failing, one flip shifts every later draw, so a few
+    examples may then differ. Measured: none differ on 8 seeds (linf and l2; with the rescaled
+    schedule, one L2 seed in 6 had 3)."""
+    x, y = correct
+    for seed in range(3):
+        attack = ATTACKS.create("square", queries=501, rescale_schedule=False)
+        res = attack(digits_mlp, x, y, score_based(norm, eps), generator=gen(seed))
+        ref = reference_square(digits_mlp, x, y, norm, eps, 500, seed, rescale=False)
+        assert 10 < 100 * float(ref.float().mean()) < 90  # an eps where the comparison means something
+        assert int((res.success != ref).sum()) <= (2 if norm == "linf" else 4), (seed, int((res.success != ref).sum()))
+
+
+def test_targeted_success_matches_pyautoattack(correct, digits_mlp):
+    """Targeted (random targets, the reference's cross-entropy loss toward the target), linf 0.2,
+    300 queries. Not the same per seed: a candidate that reaches the target is kept here even where
+    its loss is not lower (the reference's L2 rule; its linf code drops it). Over 30 seeds
+    (``draws: example``): advbench 62.1 +- 4.1 % of the targets reached (53-69), pyautoattack
+    62.2 +- 4.0 % (54-70); a 3-seed mean difference has a standard deviation of about 3.3
+    points: 10 points is 3 of them."""
+    x, y = correct
+    ours, ref = [], []
+    for seed in range(3):
+        threat = score_based("linf", 0.2, targeting="random")
+        res = ATTACKS.create("square", queries=301)(digits_mlp, x, y, threat, generator=gen(seed))
+        ours.append(100 * float(res.success.float().mean()))
+        ref.append(100 * float(reference_square(digits_mlp, x, res.target, "linf", 0.2, 300, seed, True).float().mean()))
+    assert abs(statistics.mean(ours) - statistics.mean(ref)) <= 10, (ours, ref)
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 0.1), ("l2", 0.7)])
+def test_per_example_draws_match_pyautoattack_on_average(norm, eps, correct, digits_mlp):
+    """``draws: example`` (the paper's) against pyautoattack (500 queries, p_init 0.8) on 100
+    correctly classified digits, averaged over 3 seeds per side.
 
     Measured on this model and these images over 30 seeds (500 queries): linf 0.1: advbench
     49.5 +- 2.3 % (43-54), pyautoattack 49.7 +- 2.4 % (44-54); l2 0.7: advbench 43.2 +- 2.4 %
@@ -213,33 +269,12 @@ def test_robust_accuracy_matches_pyautoattack(norm, eps, correct, digits_mlp):
     x, y = correct
     ours, ref = [], []
     for seed in range(3):
-        res = ATTACKS.create("square", queries=500)(digits_mlp, x, y, score_based(norm, eps), generator=gen(seed))
+        res = ATTACKS.create("square", queries=500, draws="example")(digits_mlp, x, y, score_based(norm, eps),
+                                                                     generator=gen(seed))
         ours.append(robust(digits_mlp, res.x_adv, y))
-        peer = pyautoattack.SquareAttack(digits_mlp, norm="Linf" if norm == "linf" else "L2", n_queries=500,
-                                         eps=eps, p_init=0.8, seed=seed)
-        with torch.random.fork_rng():
-            ref.append(robust(digits_mlp, peer.perturb(x, y), y))
-    assert 10 < statistics.mean(ref) < 90  # an eps where the comparison means something
+        ref.append(100 - 100 * float(reference_square(digits_mlp, x, y, norm, eps, 500, seed).float().mean()))
+    assert 10 < statistics.mean(ref) < 90
     assert abs(statistics.mean(ours) - statistics.mean(ref)) <= 6, (ours, ref)
-
-
-def test_targeted_success_matches_pyautoattack(correct, digits_mlp):
-    """Targeted (random targets, the reference's cross-entropy loss toward the target), linf 0.2,
-    300 queries. Over 30 seeds: advbench 62.1 +- 4.1 % of the targets reached (53-69),
-    pyautoattack 62.2 +- 4.0 % (54-70); a 3-seed mean difference has a standard deviation of
-    about 3.3 points: 10 points is 3 of them."""
-    x, y = correct
-    ours, ref = [], []
-    for seed in range(3):
-        threat = score_based("linf", 0.2, targeting="random")
-        res = ATTACKS.create("square", queries=300)(digits_mlp, x, y, threat, generator=gen(seed))
-        ours.append(100 * float(res.success.float().mean()))
-        peer = pyautoattack.SquareAttack(digits_mlp, norm="Linf", n_queries=300, eps=0.2, p_init=0.8, seed=seed,
-                                         targeted=True)
-        with torch.random.fork_rng(), torch.no_grad():
-            hit = digits_mlp(peer.perturb(x, res.target)).argmax(dim=1) == res.target
-        ref.append(100 * float(hit.float().mean()))
-    assert abs(statistics.mean(ours) - statistics.mean(ref)) <= 10, (ours, ref)
 
 
 @pytest.mark.parametrize("norm, eps", [("linf", 0.15), ("l2", 1.0)])

@@ -5,7 +5,7 @@ Each version is a list of components, as the reference code (``autoattack.py``'s
 ``_set_version``) configures them:
 
 - ``standard``, linf and l2: APGD-CE (1 restart), APGD-T (9 target classes, 1 restart), FAB-T (9
-  target classes, 1 restart), Square (5,000 queries, p_init 0.8, the square-size schedule not
+  target classes, 1 restart), Square (5,000 iterations, p_init 0.8, the square-size schedule not
   rescaled to the query count); l1: APGD-CE (5 restarts) and APGD-T (5 target classes), both with
   the 3-2-1 eps schedule, and FAB-T. The reference also lists Square under l1; advbench's Square
   covers linf and l2 only (the paper's), so the l1 suite runs without it.
@@ -19,7 +19,9 @@ every point. Either way an example counts as broken when any component broke it.
 (:mod:`advbench.eval.plan`) runs every component as its own job through its own cascade (the
 jobs' ``after``), so each is its own row and ``autoattack`` is their per-example worst case;
 calling this attack directly (the Python API) runs the same components in the same order on the
-same points, the cascade rule being :func:`still_robust`. Targets beyond the model's classes are
+same points, the cascade rule being :func:`still_robust`, each component drawing from the call
+generator's state at the start (the reference seeds every component with the same seed), so a
+seed gives the reference's result for the same seed. Targets beyond the model's classes are
 dropped (the reference warns about them); the square component reads scores through the
 white-box handle (a white-box attacker can always read scores).
 """
@@ -57,7 +59,8 @@ class Component:
 
 def components(version: str, norm: Norm) -> list[Component]:
     """The components of ``version`` under ``norm``, in the reference's order and settings."""
-    square = Component("square", "square", {"queries": 5000, "p_init": 0.8, "rescale_schedule": False})
+    # the reference's n_queries = 5000 iterations after its first query: 5,001 queries in advbench's count
+    square = Component("square", "square", {"queries": 5001, "p_init": 0.8, "rescale_schedule": False})
     if version == "standard":
         if norm is Norm.L1:
             return [Component("apgd-ce", "apgd", {"loss": "ce", "restarts": 5, "l1_eps_schedule": True}),
@@ -118,12 +121,17 @@ class AutoAttack(Attack):
         with torch.no_grad():  # the reference starts from the clean-correct points
             everyone = net(x).argmax(dim=1) == y
         broken = torch.zeros_like(everyone)
+        start = None if generator is None else generator.get_state()
         for component in self.components(threat):
             todo = still_robust(everyone, broken) if self.cascade else everyone
             idx = todo.nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            result = component.create()(net, x[idx], y[idx], threat, generator=generator)
+            draws = None  # each component from the call's seed, as the reference reseeds each one
+            if generator is not None:
+                draws = torch.Generator(device=generator.device)
+                draws.set_state(start)
+            result = component.create()(net, x[idx], y[idx], threat, generator=draws)
             new = broke(result, y[idx]) & ~broken[idx]
             out[idx] = torch.where(rows(new, result.x_adv), result.x_adv, out[idx])
             broken[idx] |= new

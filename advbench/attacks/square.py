@@ -3,7 +3,7 @@
 Andriushchenko, Croce, Flammarion & Hein, "Square Attack: a query-efficient black-box
 adversarial attack via random search", ECCV 2020 (arXiv:1912.00049). The reference code is
 AutoAttack's ``SquareAttack`` (``pyautoattack/square.py``); where it and the paper differ, the
-reference is followed, except for the batch-shared draws noted at the end.
+reference is followed (its batch-shared draws by default, see the end).
 
 The attack minimizes, from scores only, a loss L of the model's output, keeping per example the
 best point x* so far. Losses, on log-probabilities (they differ from the logits by a per-row
@@ -20,7 +20,8 @@ replaces x* where L(x') < L(x*) or m(x') < 0 (the reference's acceptance rule).
 
 Square size: at iteration i (0-based) the share of the image a square covers is
 p = p_selection(i'), with i' = int(i / Q * 10000) (``rescale_schedule``, the reference's
-rescaling of the schedule to a 10,000-query horizon; Q the run's query allowance), and
+rescaling of the schedule to a 10,000-query horizon; Q the run's iterations, its query
+allowance less the first query, which is the reference's ``n_queries``), and
 
     p_selection(i') = p_init / 2^k, k = 0 for i' <= 10 and k = 1..9 for i' in (10, 50], (50, 200],
     (200, 500], (500, 1000], (1000, 2000], (2000, 4000], (4000, 6000], (6000, 8000], > 8000.
@@ -62,12 +63,15 @@ Defaults (the reference's): ``queries`` 5000, ``p_init`` 0.8, ``restarts`` 1, ``
 ``rescale_schedule`` on. Returned per example: the first point that met the goal, else the
 point of lowest loss over the restarts.
 
-Deviation from the reference code: it draws one square position, one set of channel signs
+Draws (``draws``): the reference code draws one square position, one set of channel signs
 (linf) and one eta transposition (l2) per iteration for the whole batch (so the examples of a
-batch move together). Here they are drawn per example, as in the paper and the authors'
-original code; the size stays one per iteration (it depends on the iteration only). The
-authors' original linf code also redraws a candidate that would not change x*; AutoAttack's,
-followed here, does not.
+batch move together), the l2 signs per example; ``draws: batch`` (the default) does the same,
+in the reference's order from the call's generator, so a seed gives the reference's result for
+the same seed (and, under linf, an example's result does not depend on the rest of its batch).
+``draws: example`` draws them per example, as in the paper and the authors' original code.
+Each example sees uniformly distributed squares either way; the size is one per iteration (it
+depends on the iteration only). The authors' original linf code also redraws a candidate that
+would not change x*; AutoAttack's, followed here, does not.
 """
 
 from __future__ import annotations
@@ -191,6 +195,10 @@ class Square(Attack):
         restarts: params.Count = 1
         loss: Literal["margin", "ce"] = "margin"  # untargeted only; targeted uses the cross-entropy
         rescale_schedule: params.Flag = True
+        #: "batch": one square position, one set of linf channel signs and one l2 pattern
+        #: orientation per iteration for the whole batch (AutoAttack's code: its numbers per seed);
+        #: "example": drawn per example (the paper's and the authors' original code)
+        draws: Literal["batch", "example"] = "batch"
 
     # ------------------------------------------------------------------ pieces
     def _draw(self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -233,8 +241,16 @@ class Square(Attack):
         s = max(h // 5, 1)
         start = (h - 5 * s) // 2  # the reference's offset, from h, in both directions
         nb_h, nb_w = h // s, w // s
-        flips = (self._draw((n, nb_h, nb_w), generator, x.device) > 0.5).long()
-        signs = self._signs((n, c, nb_h, nb_w), generator, x.device, x.dtype)
+        if self.draws == "batch":  # the reference's order: per block, its orientation, then the signs
+            flip_list, sign_list = [], []
+            for _ in range(nb_h * nb_w):
+                flip_list.append(self._draw((1,), generator, x.device))
+                sign_list.append(self._signs((n, c, 1), generator, x.device, x.dtype))
+            flips = (torch.cat(flip_list).view(1, nb_h, nb_w) > 0.5).long()
+            signs = torch.cat(sign_list, dim=2).view(n, c, nb_h, nb_w)
+        else:
+            flips = (self._draw((n, nb_h, nb_w), generator, x.device) > 0.5).long()
+            signs = self._signs((n, c, nb_h, nb_w), generator, x.device, x.dtype)
         pattern = eta(s, x.device).to(x.dtype)
         rr = torch.arange(h, device=x.device) - start
         cc = torch.arange(w, device=x.device) - start
@@ -251,6 +267,7 @@ class Square(Attack):
     def _candidate_linf(self, x: torch.Tensor, best: torch.Tensor, s: int, threat: ThreatModel,
                         generator: torch.Generator | None) -> torch.Tensor:
         k, c, h, w = x.shape
+        k = 1 if self.draws == "batch" else k  # one draw for the batch, broadcast
         ch, cw = self._corners(k, h, w, s, generator, x.device)
         sign = self._signs((k, c, 1, 1), generator, x.device, x.dtype)
         return torch.where(window(ch, cw, s, h, w), (x + threat.eps * sign).clamp(*threat.bounds), best)
@@ -259,10 +276,11 @@ class Square(Attack):
                       generator: torch.Generator | None) -> torch.Tensor:
         k, c, h, w = x.shape
         dev = x.device
-        h1, w1 = self._corners(k, h, w, s, generator, dev)
-        h2, w2 = self._corners(k, h, w, s, generator, dev)
-        flips = (self._draw((k,), generator, dev) > 0.5).long()
-        sign = self._signs((k, c, 1, 1), generator, dev, x.dtype)
+        shared = 1 if self.draws == "batch" else k  # windows and orientation: one for the batch, broadcast
+        h1, w1 = self._corners(shared, h, w, s, generator, dev)
+        h2, w2 = self._corners(shared, h, w, s, generator, dev)
+        flips = (self._draw((shared,), generator, dev) > 0.5).long()
+        sign = self._signs((k, c, 1, 1), generator, dev, x.dtype)  # per example in both (the reference's)
         delta = best - x
         m1, m2 = window(h1, w1, s, h, w), window(h2, w2, s, h, w)
         spatial = (2, 3)
@@ -336,8 +354,8 @@ class Square(Attack):
         everyone = torch.arange(k, device=x.device)
         margin, loss = ask(best, everyone)
         used = torch.ones(k, dtype=torch.long, device=x.device)
-        horizon = min(self.queries, int(allow.max()))
-        for i in range(horizon - 1):
+        horizon = min(self.queries, int(allow.max())) - 1  # iterations after the first query
+        for i in range(horizon):
             active = (margin >= 0) & (used < allow)
             a = active.nonzero().squeeze(1)
             if a.numel() == 0:
