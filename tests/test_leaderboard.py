@@ -142,6 +142,18 @@ def test_entries_are_numbers_and_the_schema_round_trips():
         assert e["config"]["seed"] == e["seed"] and len(e["config_hash"]) == 16 and e["versions"]["torch"]
 
 
+def test_the_readme_autoattack_table_is_the_entries():
+    """The README's AutoAttack table quotes the digits entries: it moves when they do."""
+    readme = (ROOT / "README.md").read_text()
+    columns = ["pgd", "autoattack.apgd-ce", "autoattack.apgd-t", "autoattack.fab-t", "autoattack.square", "autoattack"]
+    for name, e in lb.load_entries(REAL).items():
+        if not name.startswith("digits"):
+            continue
+        cells = [e["model"], f"{e['threat']['norm']} {e['threat']['eps']:g}", f"{100 * e['clean_accuracy']:.2f}",
+                 *(f"{100 * e['attacks'][c]:.2f}" for c in columns)]
+        assert "| " + " | ".join(cells) + " |" in readme, name
+
+
 def test_validate_entry_rejects_strings_for_numbers():
     e = next(iter(lb.load_entries(REAL).values()))
     with pytest.raises(lb.ConfigError, match="robust_accuracy must be a finite number in \\[0, 1\\]"):
