@@ -298,29 +298,6 @@ def _half_ulp(t: torch.Tensor) -> torch.Tensor:
     return (torch.nextafter(a, torch.full_like(a, math.inf)) - a).double() / 2
 
 
-def project_l1(delta: torch.Tensor, eps: float) -> torch.Tensor:
-    """Exact Euclidean projection of each row onto the L1 ball (Duchi et al. 2008), batched.
-
-    Computed in float64 and rounded once: float32 sums over many elements would leave the
-    result's L1 norm further above eps than one rounding allows."""
-    if delta.dtype != torch.float64 and delta.is_floating_point():
-        return project_l1(delta.double(), eps).to(delta.dtype)
-    flat = _flat(delta)
-    abs_ = flat.abs()
-    inside = abs_.sum(dim=1) <= eps
-    if bool(inside.all()):
-        return delta
-    mu, _ = abs_.sort(dim=1, descending=True)
-    cumsum = mu.cumsum(dim=1)
-    idx = torch.arange(1, flat.shape[1] + 1, device=delta.device, dtype=flat.dtype)
-    cond = mu - (cumsum - eps) / idx > 0
-    rho = (cond * idx).argmax(dim=1, keepdim=True)  # last index where cond holds
-    theta = (cumsum.gather(1, rho) - eps) / (rho + 1).to(flat.dtype)
-    projected = flat.sign() * (abs_ - theta).clamp_min(0)
-    out = torch.where(inside.unsqueeze(1), flat, projected)
-    return out.view_as(delta)
-
-
 def project_l1_box(delta: torch.Tensor, x: torch.Tensor, eps: float, bounds: tuple[float, float]) -> torch.Tensor:
     """Exact Euclidean projection of each row's perturbation onto {d : ||d||_1 <= eps,
     lo <= x + d <= hi}, batched, in float64, rounded once (Croce & Hein's "Mind the box").

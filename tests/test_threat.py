@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from advbench.errors import ConfigError
-from advbench.threat import Knowledge, Norm, Targeting, ThreatModel, project_l1, quantize_8bit
+from advbench.threat import Knowledge, Norm, Targeting, ThreatModel, project_l1_box, quantize_8bit
 
 
 def _batch(seed: int = 0, shape=(6, 3, 5, 5)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +75,11 @@ def test_projection_lands_inside_and_is_idempotent(norm, eps):
     assert bool(((p >= 0) & (p <= 1)).all())
     assert torch.allclose(t.project(p, x), p, atol=1e-6)
     assert bool((t.distance(p, x).double() <= eps + t.slack(p, x) + 1e-7 * (norm != "l0")).all())
+
+
+def project_l1(v: torch.Tensor, eps: float) -> torch.Tensor:
+    """The L1-ball projection: the ball-in-box one with a box no coordinate reaches."""
+    return project_l1_box(v, torch.zeros_like(v), eps, (-100.0, 100.0))
 
 
 def test_l1_projection_matches_definition():

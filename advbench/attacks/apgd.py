@@ -196,7 +196,9 @@ def random_start(x: torch.Tensor, threat: ThreatModel, eps: float, generator: to
 
 
 def project(z: torch.Tensor, x: torch.Tensor, threat: ThreatModel, eps: float) -> torch.Tensor:
-    """``z`` projected onto the ``threat.norm`` ball of radius ``eps`` around ``x`` and the box."""
+    """``z`` projected onto the ``threat.norm`` ball of radius ``eps`` around ``x`` and the box
+    (not ``ThreatModel.project``: the radius changes under the l1 schedule, and linf clamps z
+    between x - eps and x + eps, the reference's rounding, not x + clamp(z - x))."""
     lo, hi = threat.bounds
     if threat.norm is Norm.LINF:
         return torch.minimum(torch.maximum(z, x - eps), x + eps).clamp_(lo, hi)

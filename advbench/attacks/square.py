@@ -284,11 +284,11 @@ class Square(Attack):
         delta = best - x
         m1, m2 = window(h1, w1, s, h, w), window(h2, w2, s, h, w)
         spatial = (2, 3)
-        norm_w1 = _l2(delta * m1, spatial)  # per channel
+        in_w1 = delta * m1
+        norm_w1 = _l2(in_w1, spatial)  # per channel
         norm_all = _l2(delta, (1, 2, 3))
         norm_union = _l2(delta * (m1 | m2), spatial)
-        new = place(eta(s, dev), flips, h1, w1, h, w) * sign.double() \
-            + (delta * m1).double() / (1e-12 + norm_w1)
+        new = place(eta(s, dev), flips, h1, w1, h, w) * sign.double() + in_w1.double() / (1e-12 + norm_w1)
         mass = ((threat.eps ** 2 - norm_all ** 2).clamp_min(0) / c + norm_union ** 2).sqrt()
         new = (new / (1e-12 + _l2(new, spatial)) * mass).to(x.dtype)
         delta = torch.where(m1, new, torch.where(m2, torch.zeros_like(delta), delta))
