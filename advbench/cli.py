@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 from advbench import __version__
@@ -24,7 +25,7 @@ from advbench import leaderboard as lb
 from advbench.blindspots.analysis import run_blindspots
 from advbench.blindspots.config import DEFAULT_BLINDSPOTS_YAML, load_blindspot_config, parse_blindspot_config
 from advbench.blindspots.report import markdown
-from advbench.config import DEFAULT_CONFIG_YAML, load_config, parse_config
+from advbench.config import DEFAULT_CONFIG_YAML, load_config
 from advbench.errors import AdvbenchError, ConfigError
 from advbench.eval.evaluator import evaluate
 from advbench.eval.tables import format_matrix
@@ -57,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", help="override the config's device: cpu, cuda, cuda:N, auto")
     ev.add_argument("--seed", type=int, help="override the config's seed")
     ev.add_argument("--quiet", action="store_true", help="no progress bar and no table on stdout")
+    ev.add_argument("--executor", choices=["inprocess", "ray"], help="where the jobs run (default: the config's "
+                    "executor, else in this process); ray needs pip install 'advbench[ray]'")
+    ev.add_argument("--address", help="ray: the cluster's head address (host:port, ray://host:port or auto; "
+                    "default: a local cluster on this machine)")
+    ev.add_argument("--workers", type=int, help="ray: worker processes (default: as many as the cluster's CPUs)")
     ev.add_argument("--threads", type=int, help="CPU threads per job (default: one for small models, all for "
                     "large ones; OMP_NUM_THREADS also fixes it); results do not depend on it")
 
@@ -97,10 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    overrides = {k: v for k, v in (("device", args.device), ("seed", args.seed)) if v is not None}
-    if overrides:
-        config = parse_config({**config.canonical(), **overrides})
+    overrides: dict[str, Any] = {k: v for k, v in (("device", args.device), ("seed", args.seed)) if v is not None}
+    executor = {k: v for k, v in (("name", args.executor), ("address", args.address), ("workers", args.workers))
+                if v is not None}
+    if executor:  # the command line's executor fields replace the config's, one by one
+        base = load_config(args.config).executor.model_dump(exclude_defaults=True)
+        overrides["executor"] = {**base, **executor}
+    config = load_config(args.config, overrides)
     out = Path(args.out) if args.out else Path("advbench-runs") / config.hash()
     result = evaluate(
         config,

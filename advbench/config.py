@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from advbench.analysis.transformations import make_transformation
 from advbench.errors import AdvbenchError, ConfigError
@@ -62,6 +62,22 @@ class ThreatSpec(_Strict):
     knowledge: str = "white_box"
     query_budget: int | None = None
     quantize: str | None = None
+    #: each eps as the config wrote it (``8/255``), for table headers; not part of the identity
+    _written: tuple[str, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_written(cls, value: Any, handler: Any) -> Any:
+        spec = handler(value)
+        raw = value.get("eps") if isinstance(value, dict) else None
+        raw = raw if isinstance(raw, (list, tuple)) else [] if raw is None else [raw]
+        if spec.eps is not None and len(raw) == len(spec.eps):
+            spec._written = tuple(str(r).strip() if isinstance(r, str) else f"{e:g}" for r, e in zip(raw, spec.eps))
+        return spec
+
+    def eps_labels(self) -> dict[float, str]:
+        """Each eps budget and the text the config gave it (``8/255``, else ``%g``)."""
+        return dict(zip(self.eps or [], self._written)) if self._written else {e: f"{e:g}" for e in self.eps or []}
 
     @field_validator("eps", mode="before")
     @classmethod
@@ -121,6 +137,33 @@ class AnalysisSpec(_Strict):
     amplify: list[float] = Field(default_factory=list)  # transfer: also each perturbation scaled to these stds
 
 
+EXECUTORS = ("inprocess", "ray")
+
+
+class ExecutorSpec(_Strict):
+    """Where the jobs run: in this process (default) or on a Ray cluster (``pip install
+    'advbench[ray]'``). Not part of a run's identity: every executor gives the same results."""
+
+    name: Literal["inprocess", "ray"] = "inprocess"
+    address: str | None = None  # ray: the head's address (host:port, ray://host:port, auto); none: a local cluster
+    workers: int | None = Field(default=None, ge=1)  # ray: worker processes (default: as many as the cluster fits)
+    gpus_per_job: float = Field(default=0.0, ge=0)  # ray: GPUs each worker asks for (a fraction shares a GPU)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _named(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _ray_only(self) -> ExecutorSpec:
+        if self.name == "inprocess":
+            given = [k for k in ("address", "workers") if getattr(self, k) is not None] + (
+                ["gpus_per_job"] if self.gpus_per_job else [])
+            if given:
+                raise ValueError(f"{', '.join(given)} apply to the ray executor only (name: ray)")
+        return self
+
+
 class BenchmarkConfig(_Strict):
     seed: int = seed_field()
     device: str = "auto"
@@ -132,6 +175,8 @@ class BenchmarkConfig(_Strict):
     batch_size: int = Field(default=500, ge=1)
     cascade: bool = False
     amp: bool = False  # mixed precision (bfloat16 autocast) on a GPU; ignored on CPU
+    channels_last: bool = False  # convolutions in NHWC memory layout (faster on GPUs and for CPU pooling)
+    executor: ExecutorSpec = Field(default_factory=ExecutorSpec)  # where jobs run; not part of the hash
     # adaptive evaluation of defended models (see advbench.eval.jobs and advbench.eval.masking)
     adaptive: Literal["auto", "off", "only"] = "auto"  # auto: naive and adaptive rows where needed
     eot_samples: int = Field(default=10, ge=1)  # EoT draws per gradient for randomized models
@@ -194,10 +239,20 @@ class BenchmarkConfig(_Strict):
         return out
 
     def canonical(self) -> dict[str, Any]:
-        d = self.model_dump(mode="json", by_alias=True)
-        if d.get("analysis") is None:  # configs without it keep the hashes (and stored runs) they had
-            d.pop("analysis", None)
+        """What identifies the run's results: every field but where the jobs ran (the executor)."""
+        d = self.model_dump(mode="json", by_alias=True, exclude={"executor"})
+        for key, default in (("analysis", None), ("channels_last", False)):
+            if d.get(key) == default:  # configs without it keep the hashes (and stored runs) they had
+                d.pop(key, None)
         return d
+
+    def eps_labels(self) -> dict[tuple[str, float], str]:
+        """(norm, eps) -> the eps as the config wrote it (``8/255``), for table headers."""
+        out: dict[tuple[str, float], str] = {}
+        for spec in self.threats:
+            for eps, text in spec.eps_labels().items():
+                out.setdefault((str(spec.norm).lower(), eps), text)
+        return out
 
     def hash(self) -> str:
         blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
@@ -211,9 +266,13 @@ def parse_config(raw: Any) -> BenchmarkConfig:
     return config
 
 
-def load_config(path: str | Path | None = None) -> BenchmarkConfig:
-    """Read a YAML config file, or the embedded default when ``path`` is None."""
-    return parse_config(yaml.safe_load(DEFAULT_CONFIG_YAML) if path is None else read_yaml_file(path))
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> BenchmarkConfig:
+    """Read a YAML config file, or the embedded default when ``path`` is None; ``overrides``
+    replace top-level fields before validation (the command line's --device, --seed, ...)."""
+    raw = yaml.safe_load(DEFAULT_CONFIG_YAML) if path is None else read_yaml_file(path)
+    if overrides and isinstance(raw, dict):
+        raw = {**raw, **overrides}
+    return parse_config(raw)
 
 
 def validate_names(config: BenchmarkConfig) -> None:

@@ -55,7 +55,8 @@ from advbench.eval.masking import report as masking_report
 from advbench.eval.matrices import write_matrices
 from advbench.eval.plan import attack_order, defense_spec, model_spec, plan_jobs, plan_probes
 from advbench.eval.tables import robust_accuracy_matrix, robust_accuracy_table
-from advbench.eval.worker import InProcessExecutor, Worker, checked_logits, examples_digest
+from advbench.eval.executors import Executor, make_executor
+from advbench.eval.worker import Worker, checked_logits, examples_digest
 from advbench.files import atomic_write_text, write_npz_rows
 from advbench.loading import load_data
 from advbench.params import check_whole
@@ -92,6 +93,7 @@ def evaluate(
     config_source: str | None = None,
     warn: bool | None = None,
     threads: int | None = None,
+    executor: Executor | None = None,
 ) -> EvaluationResult:
     """Run (or resume) ``config``; write results.csv, results.json, matrix.csv, masking.json and
     run.json into ``out_dir``. Warnings (a model with more outputs than the data has classes, a
@@ -99,7 +101,9 @@ def evaluate(
     when ``warn`` is true (default: unless ``progress`` is False), and gradient-masking flags
     unless ``progress`` is False; both are kept in the result and run.json either way. ``threads``
     fixes the CPU thread count of every job (default: one thread for small jobs, see
-    :mod:`advbench.eval.threads`); results do not depend on it.
+    :mod:`advbench.eval.threads`); results do not depend on it. ``executor`` runs the jobs
+    (default: the one ``config.executor`` names, see :mod:`advbench.eval.executors`); results do
+    not depend on it either: this process plans and alone writes the store.
 
     Everything that can be checked before an attack runs is checked first (the data, the models'
     outputs, the threat models' bounds, the output folder): bad input fails before ``out_dir`` or
@@ -116,45 +120,21 @@ def evaluate(
     indices = data.sample_indices(config.data.n, config.seed).numpy()
     if threads is not None:
         check_whole(threads, "threads", 1)
-    worker = Worker(device, amp=config.amp, threads=threads)
+    worker = Worker(device, amp=config.amp, threads=threads, channels_last=config.channels_last)
     worker.preload_data(data_spec, data)
     notes = preflight(config, data, indices, worker)
     keep = save_adversarial or config.analysis is not None  # the matrices need the examples
     jobs = plan_jobs(config, indices, keep, worker=worker)
     jobs += plan_probes(config, indices, int(data.x[0].numel()), worker=worker)
 
-    make_out_dir(out)
-    with ResultStore(out / DB_NAME) as store:
-        store.register_run(config_hash, config.canonical())
-        store.set_plan(config_hash, [j.key for j in jobs])
-        other, stale = store.other_jobs(config_hash, [j.key for j in jobs])
-        if other or stale:
-            notes.append(f"{out / DB_NAME} also holds {other} job(s) of other configs and {stale} of this config "
-                         f"with other model or data content; they are kept, and no table uses them")
-        if (progress is not False) if warn is None else warn:
-            for note in notes:
-                print(f"warning: {note}", file=sys.stderr)
-        worker.robust_lookup = lambda keys: store.robust_mask(config_hash, keys)
-        finished = store.finished_keys(config_hash)
-        todo = [
-            j for j in jobs
-            if j.key not in finished or (keep and not j.probe and not store.has_adversarial(config_hash, j.key))
-        ]
-        show = sys.stderr.isatty() if progress is None else progress
-        bar = tqdm(total=len(todo), disable=not show, desc="advbench", unit="job", dynamic_ncols=True)
-        try:
-            for job, record in InProcessExecutor(worker).map(todo):
-                store.write_job(config_hash, record)
-                bar.set_postfix_str(f"{job.model['name']} {job.attack['label']} {job.threat['norm']}={job.threat['eps']}")
-                bar.update(1)
-        finally:
-            bar.close()
-        gradients = gradient_checks(worker, config, jobs, data, indices) if config.masking_checks else ([], [])
-        table, matrix, masking = build_tables(store, config, {j.key for j in jobs}, *gradients)
-        if config.analysis is not None:
-            write_matrices(store, config, jobs, worker, out)
-        if save_adversarial:
-            _write_adversarial(store, config_hash, [j for j in jobs if not j.probe], data, indices, out / "adversarial")
+    runner = executor if executor is not None else make_executor(config.executor)
+    try:
+        runner.start(worker, data_spec, data)
+        make_out_dir(out)
+        result = _run(config, out, worker, runner, jobs, data, indices, notes, keep, save_adversarial, progress, warn)
+    finally:
+        runner.close()
+    table, matrix, masking, todo = result
 
     provenance = {
         "advbench_run": 1,
@@ -176,6 +156,7 @@ def evaluate(
         "command": " ".join(sys.argv),
         "notes": notes,
         "threads": {"requested": threads if threads is not None else "auto", "chosen": worker.thread_choices},
+        "executor": runner.describe(),
         "model_cards": _model_cards(worker, config),
         "defended_models": _defended_models(worker, config),
     }
@@ -185,6 +166,46 @@ def evaluate(
     if lines and progress is not False:
         print(lines, file=sys.stderr)
     return EvaluationResult(table, matrix, out, config_hash, len(todo), len(jobs) - len(todo), masking, notes)
+
+
+def _run(config: BenchmarkConfig, out: Path, worker: Worker, runner: Executor, jobs: list[Job], data: Any,
+         indices: np.ndarray, notes: list[str], keep: bool, save_adversarial: bool, progress: bool | None,
+         warn: bool | None) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any], list[Job]]:
+    """Run the jobs not yet in the store through ``runner`` (this process writes each record as
+    it arrives), then build the tables (and the matrices and examples asked for) from the store."""
+    config_hash = config.hash()
+    with ResultStore(out / DB_NAME) as store:
+        store.register_run(config_hash, config.canonical())
+        store.set_plan(config_hash, [j.key for j in jobs])
+        other, stale = store.other_jobs(config_hash, [j.key for j in jobs])
+        if other or stale:
+            notes.append(f"{out / DB_NAME} also holds {other} job(s) of other configs and {stale} of this config "
+                         f"with other model or data content; they are kept, and no table uses them")
+        if (progress is not False) if warn is None else warn:
+            for note in notes:
+                print(f"warning: {note}", file=sys.stderr)
+        finished = store.finished_keys(config_hash)
+        todo = [
+            j for j in jobs
+            if j.key not in finished or (keep and not j.probe and not store.has_adversarial(config_hash, j.key))
+        ]
+        show = sys.stderr.isatty() if progress is None else progress
+        bar = tqdm(total=len(todo), disable=not show, desc="advbench", unit="job", dynamic_ncols=True)
+        try:
+            for job, record in runner.map(todo, worker, lambda keys: store.robust_mask(config_hash, keys)):
+                store.write_job(config_hash, record)
+                bar.set_postfix_str(f"{job.model['name']} {job.attack['label']} {job.threat['norm']}={job.threat['eps']}")
+                bar.update(1)
+        finally:
+            bar.close()
+        worker.robust_lookup = lambda keys: store.robust_mask(config_hash, keys)
+        gradients = gradient_checks(worker, config, jobs, data, indices) if config.masking_checks else ([], [])
+        table, matrix, masking = build_tables(store, config, {j.key for j in jobs}, *gradients)
+        if config.analysis is not None:
+            write_matrices(store, config, jobs, worker, out)
+        if save_adversarial:
+            _write_adversarial(store, config_hash, [j for j in jobs if not j.probe], data, indices, out / "adversarial")
+    return table, matrix, masking, todo
 
 
 def check_out_dir(out: Path) -> None:
@@ -302,12 +323,12 @@ def build_tables(store: ResultStore, config: BenchmarkConfig, keys: set[str] | N
     table = robust_accuracy_table(examples[~probe_ex], stored[~probe_jobs], order, cascade=config.cascade,
                                   scoring=scoring)
     if not config.masking_checks:
-        return (table, robust_accuracy_matrix(table, order["attacks"], FLAGS),
+        return (table, robust_accuracy_matrix(table, order["attacks"], FLAGS, config.eps_labels()),
                 masking_report([], None, [], enabled=False))
     probes = robust_accuracy_table(examples[probe_ex], stored[probe_jobs], order, scoring=scoring)
     findings = table_findings(table, probes, attack_info(stored)) + list(gradient_found or [])
     table["flags"] = flags_column(table, findings)
-    return (table, robust_accuracy_matrix(table, order["attacks"], FLAGS),
+    return (table, robust_accuracy_matrix(table, order["attacks"], FLAGS, config.eps_labels()),
             masking_report(findings, probes, gradient_records or []))
 
 

@@ -305,8 +305,10 @@ def _sort(table: pd.DataFrame, order: dict[str, list[str]]) -> pd.DataFrame:
 
 
 def robust_accuracy_matrix(table: pd.DataFrame, attack_order: list[str] | None = None,
-                           flag_order: Sequence[str] = ()) -> pd.DataFrame:
-    """Robust accuracy (%) with rows model/defense/attack and one column per threat budget.
+                           flag_order: Sequence[str] = (),
+                           eps_labels: dict[tuple[str, float], str] | None = None) -> pd.DataFrame:
+    """Robust accuracy (%) with rows model/defense/attack and one column per threat budget,
+    headed by the eps as the config wrote it (``eps_labels``: (norm, eps) -> ``8/255``; else ``%g``).
 
     Rows follow the table's model and defense order and ``attack_order`` (default: first
     appearance), with each group's worst case last. When any cell has gradient-masking flags, a
@@ -314,8 +316,10 @@ def robust_accuracy_matrix(table: pd.DataFrame, attack_order: list[str] | None =
     """
     if table.empty:
         return pd.DataFrame()
+    labels = eps_labels or {}
     t = table.assign(
-        threat=[f"{n} {('inf' if not np.isfinite(e) else f'{e:g}')}" + ("" if g == "untargeted" else f" {g}")
+        threat=[f"{n} {('inf' if not np.isfinite(e) else labels.get((n, e), f'{e:g}'))}"
+                + ("" if g == "untargeted" else f" {g}")
                 + ("" if k == "white_box" else f" {k}")  # threats that differ only in knowledge stay apart
                 for n, e, g, k in zip(table.norm, table.eps, table.targeting, table.knowledge)],
         acc=(table.robust_accuracy * 100).round(1),

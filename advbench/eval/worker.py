@@ -1,8 +1,12 @@
 """Running jobs: a :class:`Worker` turns :class:`~advbench.eval.jobs.Job` s into
 :class:`~advbench.store.JobRecord` s, keeping data, models and clean predictions loaded between
-them. Jobs run in-process today (:class:`InProcessExecutor`); a distributed engine only needs
-to ship ``Job.to_json()`` to workers that call ``Worker(device).run(job)`` and send the records
-back.
+them. An executor (:mod:`advbench.eval.executors`) calls ``Worker.run(job)`` in this process or
+in the workers of a cluster and hands the records back to the driver.
+
+An attack that runs out of device memory is retried on halves of its examples (then quarters,
+...), one after another with the same generator; each halving is kept in ``oom_events`` (and
+run.json). The numbers stay audited and correct; only the randomness each example drew may
+differ from a run that fitted whole.
 
 A job runs in four steps: **select** the examples its attack gets (clean-correct, targetable,
 and in cascade mode still robust), **attack** them (the attack's own audit judges the output on
@@ -23,9 +27,10 @@ gives the same numbers).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +43,7 @@ from advbench.attacks.base import Attack, AttackResult
 from advbench.audit import goal_met, predict, targetable
 from advbench.data.base import ImageData
 from advbench.defenses.base import DefendedModel, adaptive, find_defended
-from advbench.errors import ConfigError, ModelOutputError
+from advbench.errors import AdvbenchError, ConfigError, ModelOutputError
 from advbench.eval import threads
 from advbench.eval.jobs import Job, ModelTags, stable_hash
 from advbench.loading import Autocast, apply_defense, load_data, load_model, model_digest
@@ -103,9 +108,13 @@ class Worker:
         robust_lookup: Callable[[tuple[str, ...]], dict[int, bool]] | None = None,
         amp: bool = False,
         threads: int | None = None,
+        channels_last: bool = False,
     ) -> None:
         self.device = device
         self.amp = amp and device.type == "cuda"
+        self.channels_last = channels_last
+        #: each out-of-memory halving: the job, its examples and the batch that fitted
+        self.oom_events: list[dict[str, Any]] = []
         self.robust_lookup = robust_lookup
         #: CPU threads per job: an explicit count, or None to choose by the job's size
         #: (:mod:`advbench.eval.threads`); the count each (model, defense, rows) got is kept
@@ -156,6 +165,8 @@ class Worker:
         key = stable_hash([model_spec, defense_spec, seed])
         if key not in self._models:
             model = apply_defense(self.base_model(model_spec)[0], defense_spec, seed=seed).to(self.device).eval()
+            if self.channels_last:  # NHWC weights; a 4-D input follows them through the convolutions
+                model = model.to(memory_format=torch.channels_last)
             self._models[key] = self._autocast(model)
         return self._models[key]
 
@@ -212,6 +223,19 @@ class Worker:
         n = threads.choose(self._flops[key], len(job.indices) * per_input, self.available_threads)
         self.thread_choices[f"{job.model['name']} / {job.defense['name']} / {len(job.indices)} examples"] = n
         return n
+
+    def check_content(self, job: Job) -> None:
+        """Raise when the model or examples this worker sees are not what the driver planned (a
+        cluster node with another file at the same path, other weights, another data copy)."""
+        if not job.content:
+            return
+        seen = self.content(job.data, job.model, job.indices)
+        for what in ("model", "data"):
+            if what in job.content and seen[what] != job.content[what]:
+                thing = f"model {job.model['name']!r}" if what == "model" else "the examples of shard " + str(job.shard)
+                raise ContentMismatchError(
+                    f"this worker sees {thing} with content digest {seen[what]}, but the run was planned on "
+                    f"{job.content[what]}: every worker must load the same files and data as the driver")
 
     # ------------------------------------------------------------------ running
     def run(self, job: Job) -> JobRecord:
@@ -319,20 +343,66 @@ class Worker:
         result does not depend on which eps ran first."""
         view = self.view(job)
         if not job.minimal:
-            return ctx.attack(view, x, y, ctx.threat, target=target, generator=generator, judge=ctx.deployed), None
+            return self._attack_fitting(job, ctx, view, x, y, target, generator), None
         key = (job.sweep_key, sel.cpu().numpy().tobytes())
         reused: float | None = None
         if self._sweep is not None and self._sweep[0] == key:
             reused = self._sweep[2]
         else:
             start = time.perf_counter()
-            result = ctx.attack(view, x, y, ctx.threat, target=target, generator=generator, judge=ctx.deployed)
+            result = self._attack_fitting(job, ctx, view, x, y, target, generator)
             self._sweep = (key, result, time.perf_counter() - start)
             if ctx.randomized is None:
                 return result, None
         if ctx.randomized is not None:
             ctx.randomized.reseed(job.seed)
         return ctx.attack.at_budget(ctx.deployed, x, y, ctx.threat, self._sweep[1]), reused
+
+    def _attack_fitting(self, job: Job, ctx: Context, view: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                        target: torch.Tensor | None, generator: torch.Generator) -> AttackResult:
+        """The attack on ``x``; out of device memory, on halves of it in turn (recursively),
+        the results joined in order. One example that does not fit is an error, not a number."""
+        try:
+            return ctx.attack(view, x, y, ctx.threat, target=target, generator=generator, judge=ctx.deployed)
+        except torch.OutOfMemoryError:
+            if len(x) <= 1:
+                raise OutOfMemory(f"model {job.model['name']!r}: attack {job.attack_label!r} runs out of device "
+                                  f"memory on a single example; use a larger device or a smaller model") from None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = (len(x) + 1) // 2
+        self.oom_events.append({"job": job.key, "model": job.model["name"], "attack": job.attack_label,
+                                "examples": len(x), "batch": half})
+        parts = [self._attack_fitting(job, ctx, view, x[s : s + half], y[s : s + half],
+                                      None if target is None else target[s : s + half], generator)
+                 for s in range(0, len(x), half)]
+        return join_results(parts)
+
+
+class ContentMismatchError(AdvbenchError):
+    """A worker loaded other model weights or examples than those the run was planned on."""
+
+
+class OutOfMemory(AdvbenchError):
+    """An attack does not fit in device memory even on one example."""
+
+
+def join_results(parts: list[AttackResult]) -> AttackResult:
+    """The results of an attack run on consecutive pieces of a batch, as one result."""
+    first = parts[0]
+
+    def cat(name: str) -> torch.Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    return dataclasses.replace(
+        first,
+        **{name: cat(name) for name in ("x_adv", "success", "valid", "pred_clean", "pred_adv", "distances",
+                                        "target", "x_minimal", "minimal_distances")},
+        **{name: sum(getattr(p, name) for p in parts)
+           for name in ("n_forward", "n_backward", "n_queries", "quantization_failures")},
+        budget_exhausted=any(p.budget_exhausted for p in parts),
+    )
 
 
 def record(job: Job, ctx: Context, todo: torch.Tensor, out: Outcome, seconds: float) -> JobRecord:
@@ -452,13 +522,3 @@ def checked_logits(model: nn.Module, x: torch.Tensor, name: str, batch: int = 10
         outs.append(out.float())
     return torch.cat(outs)
 
-
-class InProcessExecutor:
-    """Runs jobs one after another in this process (the seam a distributed engine replaces)."""
-
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-
-    def map(self, jobs: Iterable[Job]) -> Iterator[tuple[Job, JobRecord]]:
-        for job in jobs:
-            yield job, self.worker.run(job)
