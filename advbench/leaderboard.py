@@ -181,11 +181,13 @@ def _pct(value: float | None) -> str | None:
 
 
 def _standard_autoattack_labels(entry: dict[str, Any]) -> list[str]:
-    """The row labels of the entry's config's ``autoattack`` attacks run as ``version: standard``."""
+    """The row labels of the entry's config's ``autoattack`` attacks run as the reference's
+    ``version: standard`` (not with fewer ``steps`` or ``queries``)."""
     labels = []
     for spec in (entry.get("config") or {}).get("attacks", []):
-        if isinstance(spec, dict) and spec.get("name") == "autoattack" \
-                and (spec.get("params") or {}).get("version", "standard") == "standard":
+        given = (spec.get("params") or {}) if isinstance(spec, dict) else {}
+        if isinstance(spec, dict) and spec.get("name") == "autoattack" and given.get("version", "standard") == "standard" \
+                and given.get("steps") is None and given.get("queries") is None:
             labels.append(spec.get("label") or "autoattack")
     return labels
 

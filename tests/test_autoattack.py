@@ -162,3 +162,16 @@ def test_autoattack_rejects_what_it_cannot_run():
         _config(threats=[{"norm": "linf", "eps": [0.1], "targeting": "random"}])
     with pytest.raises(ConfigError, match="version"):
         ATTACKS.create("autoattack", version="fast")
+
+
+def test_steps_and_queries_replace_the_references_iteration_counts():
+    threat = ThreatModel(norm="linf", eps=0.1)
+    quick = ATTACKS.create("autoattack", steps=3, queries=20).components(threat)
+    reference = components("standard", Norm.LINF)
+    assert [c.label for c in quick] == [c.label for c in reference]
+    for q, r in zip(quick, reference):
+        over = {"queries": 20} if r.attack == "square" else {"steps": 3}
+        assert q.params == {**r.params, **over} and q.attack == r.attack
+    assert ATTACKS.create("autoattack").components(threat) == reference  # the default is the reference suite
+    with pytest.raises(ConfigError):
+        ATTACKS.create("autoattack", steps=0)

@@ -115,3 +115,19 @@ def test_out_of_memory_halves_the_batch_records_it_and_keeps_the_numbers(tmp_pat
     assert first[0]["examples"] == attacked and first[0]["batch"] == (attacked + 1) // 2
     assert all(e["batch"] <= 4 for e in first[-1:]) and {e["attack"] for e in events} == {"fgsm", "bim"}
     assert "out_of_memory" not in json.loads((tmp_path / "whole" / "run.json").read_text())["executor"]
+
+
+def test_channels_last_puts_the_convolutions_in_nhwc_and_is_part_of_the_runs_identity(tmp_path):
+    import torch
+
+    from advbench.eval.plan import defense_spec, model_spec
+
+    config = parse_config({**CASCADE, "models": ["digits-cnn"], "channels_last": True, "masking_checks": False})
+    assert config.hash() != parse_config({**CASCADE, "models": ["digits-cnn"], "masking_checks": False}).hash()
+    assert "channels_last" not in parse_config(CASCADE).canonical()  # the default keeps the hashes runs had
+    worker = Worker(torch.device("cpu"), channels_last=True)
+    model = worker.model(model_spec(config.models[0]), defense_spec(config.defenses[0]))
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    res = evaluate(config, tmp_path, progress=False, warn=False)
+    assert res.table.audit_violations.sum() == 0 and len(res.table) > 0

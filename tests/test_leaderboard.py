@@ -201,6 +201,8 @@ def test_to_robustbench():
     assert got["autoattack_acc"] == "25.00" and got["footnote"] is None  # the suite's row, not the smallest row
     assert run({"name": "autoattack", "params": {"version": "standard"}, "label": "aa"}, {"aa": 0.2})["autoattack_acc"] == "20.00"
     assert run({"name": "autoattack", "params": {"version": "plus"}, "label": None}, suite)["autoattack_acc"] is None
+    for quick in ({"steps": 5}, {"queries": 100}):  # fewer iterations is a smoke run, not the reference's number
+        assert run({"name": "autoattack", "params": quick, "label": None}, suite)["autoattack_acc"] is None
     assert run({"name": "pgd", "params": {}, "label": "autoattack-like"}, {"autoattack-like": 0.1})["autoattack_acc"] is None
 
 
