@@ -10,8 +10,8 @@ import json
 import pytest
 
 from advbench.config import parse_config
-from advbench.eval.evaluator import evaluate
-from advbench.eval.executors import bundles, dependencies, make_executor, needs
+from advbench.eval.evaluator import evaluate, make_executor
+from advbench.eval.executors import bundles, dependencies, needs
 from advbench.eval.plan import plan_jobs
 from advbench.eval.worker import ContentMismatchError, Worker
 

@@ -188,12 +188,11 @@ def test_an_unreachable_address_is_one_error_line_and_leaves_nothing(tmp_path):
 
 
 def test_without_ray_installed_the_error_says_how_to_get_it(monkeypatch, tmp_path):
-    from advbench.eval import executors
+    from advbench.eval.evaluator import make_executor
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
-    monkeypatch.delitem(sys.modules, "advbench.eval.ray_executor", raising=False)
     with pytest.raises(ConfigError, match=r"pip install 'advbench\[ray\]'"):
-        executors.make_executor(parse_config({**GRID, "executor": "ray"}).executor)
+        make_executor(parse_config({**GRID, "executor": "ray"}).executor)
 
 
 def test_executor_fields_are_checked_and_not_part_of_the_hash():
@@ -207,3 +206,14 @@ def test_executor_fields_are_checked_and_not_part_of_the_hash():
         parse_config({**GRID, "executor": {"name": "dask"}})
     with pytest.raises(ConfigError, match="gpus_per_job"):
         parse_config({**GRID, "executor": {"name": "ray", "gpus_per_job": -1}})
+
+
+def test_a_worker_with_other_versions_than_the_driver_is_refused(cluster, tmp_path, monkeypatch):
+    from advbench.eval import ray_executor
+
+    real = ray_executor.compared_versions()
+    monkeypatch.setattr(ray_executor, "compared_versions", lambda: {**real, "torch": "0.0.1"})  # the driver's only
+    small = {**GRID, "models": ["digits-mlp"], "defenses": ["none"], "attacks": ["fgsm"], "masking_checks": False}
+    with pytest.raises(ExecutorError, match=r"has .*'torch': '[0-9.+a-z]+'.*the driver .*'torch': '0.0.1'.*same versions"):
+        evaluate(parse_config(small), tmp_path / "out", progress=False, warn=False, executor=RayExecutor(workers=1))
+    assert not (tmp_path / "out").exists()

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from advbench.config import BenchmarkConfig
 from advbench.defenses.base import find_defended
 from advbench.errors import ConfigError, ModelOutputError
+from advbench.eval.executors import Executor, InProcessExecutor
 from advbench.eval.jobs import Job
 from advbench.eval.masking import (
     FLAGS,
@@ -53,9 +54,15 @@ from advbench.eval.masking import (
 )
 from advbench.eval.masking import report as masking_report
 from advbench.eval.matrices import write_matrices
-from advbench.eval.plan import attack_order, defense_spec, model_spec, plan_jobs, plan_probes
+from advbench.eval.plan import (
+    attack_order,
+    defense_spec,
+    model_spec,
+    plan_jobs,
+    plan_probes,
+)
+from advbench.eval.ray_executor import RayExecutor
 from advbench.eval.tables import robust_accuracy_matrix, robust_accuracy_table
-from advbench.eval.executors import Executor, make_executor
 from advbench.eval.worker import Worker, checked_logits, examples_digest
 from advbench.files import atomic_write_text, write_npz_rows
 from advbench.loading import load_data
@@ -134,7 +141,7 @@ def evaluate(
         result = _run(config, out, worker, runner, jobs, data, indices, notes, keep, save_adversarial, progress, warn)
     finally:
         runner.close()
-    table, matrix, masking, todo = result
+    table, matrix, masking, todo, jobs_seconds = result
 
     provenance = {
         "advbench_run": 1,
@@ -152,7 +159,7 @@ def evaluate(
         "finished": timestamp(),
         "seconds": round(time.perf_counter() - t0, 3),
         "jobs": {"total": len(jobs), "run": len(todo), "skipped": len(jobs) - len(todo),
-                 "probes": sum(j.probe for j in jobs)},
+                 "probes": sum(j.probe for j in jobs), "seconds": round(jobs_seconds, 3)},
         "command": " ".join(sys.argv),
         "notes": notes,
         "threads": {"requested": threads if threads is not None else "auto", "chosen": worker.thread_choices},
@@ -170,7 +177,7 @@ def evaluate(
 
 def _run(config: BenchmarkConfig, out: Path, worker: Worker, runner: Executor, jobs: list[Job], data: Any,
          indices: np.ndarray, notes: list[str], keep: bool, save_adversarial: bool, progress: bool | None,
-         warn: bool | None) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any], list[Job]]:
+         warn: bool | None) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any], list[Job], float]:
     """Run the jobs not yet in the store through ``runner`` (this process writes each record as
     it arrives), then build the tables (and the matrices and examples asked for) from the store."""
     config_hash = config.hash()
@@ -191,6 +198,7 @@ def _run(config: BenchmarkConfig, out: Path, worker: Worker, runner: Executor, j
         ]
         show = sys.stderr.isatty() if progress is None else progress
         bar = tqdm(total=len(todo), disable=not show, desc="advbench", unit="job", dynamic_ncols=True)
+        started = time.perf_counter()
         try:
             for job, record in runner.map(todo, worker, lambda keys: store.robust_mask(config_hash, keys)):
                 store.write_job(config_hash, record)
@@ -198,6 +206,7 @@ def _run(config: BenchmarkConfig, out: Path, worker: Worker, runner: Executor, j
                 bar.update(1)
         finally:
             bar.close()
+        jobs_seconds = time.perf_counter() - started
         worker.robust_lookup = lambda keys: store.robust_mask(config_hash, keys)
         gradients = gradient_checks(worker, config, jobs, data, indices) if config.masking_checks else ([], [])
         table, matrix, masking = build_tables(store, config, {j.key for j in jobs}, *gradients)
@@ -205,8 +214,14 @@ def _run(config: BenchmarkConfig, out: Path, worker: Worker, runner: Executor, j
             write_matrices(store, config, jobs, worker, out)
         if save_adversarial:
             _write_adversarial(store, config_hash, [j for j in jobs if not j.probe], data, indices, out / "adversarial")
-    return table, matrix, masking, todo
+    return table, matrix, masking, todo, jobs_seconds
 
+
+def make_executor(spec: Any) -> Executor:
+    """The executor a config's ``executor`` entry names (Ray is imported only for a Ray run)."""
+    if spec.name == "ray":
+        return RayExecutor(address=spec.address, workers=spec.workers, gpus_per_job=spec.gpus_per_job)
+    return InProcessExecutor()
 
 def check_out_dir(out: Path) -> None:
     """A one-line ConfigError when ``out`` cannot be the output folder (before anything is written)."""

@@ -93,11 +93,3 @@ class InProcessExecutor:
             out["out_of_memory"] = list(self.worker.oom_events)
         return out
 
-
-def make_executor(spec: Any) -> Executor:
-    """The executor a config's ``executor`` entry names."""
-    if spec.name == "ray":
-        from advbench.eval.ray_executor import RayExecutor  # only a Ray run imports ray
-
-        return RayExecutor(address=spec.address, workers=spec.workers, gpus_per_job=spec.gpus_per_job)
-    return InProcessExecutor()

@@ -28,14 +28,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import torch
 
-from advbench import __version__
 from advbench.errors import AdvbenchError, ConfigError
 from advbench.eval.executors import RobustLookup, bundles, dependencies, needs
 from advbench.eval.jobs import Job
 from advbench.eval.worker import Worker
-from advbench.provenance import resolve_device
+from advbench.provenance import resolve_device, versions
 from advbench.store import JobRecord
 
 #: how long the driver waits for a cluster's head to accept a connection
@@ -72,6 +70,11 @@ def check_reachable(address: str | None) -> None:
                           f"local cluster on this machine)") from None
 
 
+def compared_versions() -> dict[str, str | None]:
+    """The versions a worker must share with the driver (the numbers depend on them)."""
+    return {k: v for k, v in versions().items() if k in ("advbench", "torch")}
+
+
 def _group_key(keys: tuple[str, ...]) -> str:
     return "\n".join(keys)
 
@@ -90,7 +93,7 @@ class JobRunner:
         import ray
 
         return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(), "device": str(self.worker.device),
-                "versions": {"advbench": __version__, "torch": torch.__version__}}
+                "versions": compared_versions()}
 
     def run(self, jobs: list[str], masks: dict[str, dict[int, bool]]) -> tuple[list[JobRecord], list[dict[str, Any]]]:
         """Run a unit of jobs (given as JSON) with the robust masks the driver computed for them."""
@@ -163,7 +166,7 @@ class RayExecutor:
         except Exception as exc:  # noqa: BLE001 - Ray wraps the worker's own error
             raise ExecutorError(f"a Ray worker could not start: {_cause(exc)}; every node needs advbench and "
                                 f"its dependencies installed as on the driver (pip install 'advbench[ray]')") from None
-        mine = {"advbench": __version__, "torch": torch.__version__}
+        mine = compared_versions()
         if info["versions"] != mine:
             raise ExecutorError(f"a Ray worker on node {info['node'][:12]} has {info['versions']}, the driver "
                                 f"{mine}: install the same versions on every node (results would not compare)")
