@@ -160,7 +160,8 @@ class ExecutorSpec(_Strict):
             given = [k for k in ("address", "workers") if getattr(self, k) is not None] + (
                 ["gpus_per_job"] if self.gpus_per_job else [])
             if given:
-                raise ValueError(f"{', '.join(given)} apply to the ray executor only (name: ray)")
+                verb = "apply" if len(given) > 1 else "applies"
+                raise ValueError(f"{', '.join(given)} {verb} to the ray executor only (name: ray)")
         return self
 
 

@@ -200,7 +200,7 @@ def test_executor_fields_are_checked_and_not_part_of_the_hash():
     ray_cfg = parse_config({**GRID, "executor": {"name": "ray", "address": "10.0.0.1:6379", "workers": 8,
                                                  "gpus_per_job": 0.25}})
     assert ray_cfg.hash() == base.hash() and "executor" not in ray_cfg.canonical()
-    with pytest.raises(ConfigError, match="apply to the ray executor only"):
+    with pytest.raises(ConfigError, match="workers applies to the ray executor only"):
         parse_config({**GRID, "executor": {"workers": 2}})
     with pytest.raises(ConfigError, match="executor"):
         parse_config({**GRID, "executor": {"name": "dask"}})

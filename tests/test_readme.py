@@ -58,6 +58,6 @@ def test_readme_plugin_example_registers_through_an_entry_point(tmp_path, monkey
 def test_readme_commands_are_the_ones_ci_runs():
     text = README.read_text()
     assert 'pip install -e . && advbench evaluate' in text
-    assert 'pip install -e ".[test]" && python -m pytest -q' in text
+    assert 'pip install -e ".[test,ray]" && python -m pytest -q' in text
     ci = (README.parent / ".ci" / "run").read_text()
-    assert 'pip install --quiet -e ".[test]"' in ci and "python -m pytest -q" in ci
+    assert 'pip install --quiet -e ".[test,ray]"' in ci and "python -m pytest -q" in ci
