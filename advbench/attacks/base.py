@@ -262,7 +262,7 @@ def _validate_inputs(x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> N
     if not bool(torch.isfinite(x).all()):
         raise ConfigError("inputs contain NaN or infinite values")
     lo, hi = threat.bounds
-    if bool((x < lo).any() or (x > hi).any()):
+    if bool(((x < lo) | (x > hi)).any()):
         raise ConfigError(
             f"inputs lie outside the threat model's bounds [{lo:g}, {hi:g}] "
             f"(min {float(x.min()):g}, max {float(x.max()):g}); normalize inside the model"

@@ -160,7 +160,7 @@ class _Rows:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def select(self: _R, keep: torch.Tensor) -> _R:
-        """The state of the rows ``keep`` (a boolean mask) only."""
+        """The state of the rows ``keep`` (row indices, or a boolean mask) only."""
         return dataclasses.replace(self, **{k: v[keep] for k, v in self.fields().items() if v is not None})
 
 
@@ -219,12 +219,19 @@ class _Search:
         raise NotImplementedError
 
     def pop_finished(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(original row indices, best examples) of the rows that finished; drops them."""
+        """(original row indices, best examples) of the rows that finished; drops them.
+
+        One host synchronisation (how many finished), however many fields the state has: the
+        rows are split by a stable sort on ``done`` (the running rows first, each part in its
+        order, as boolean masks would give) and gathered by index, which reads nothing back."""
         done = self.s.done
-        if not bool(done.any()):
+        n_done = int(done.sum())
+        if n_done == 0:
             return None
-        finished = self.s.rows[done], self.s.best[done]
-        self.s = self.s.select(~done)
+        order = torch.argsort(done.to(torch.uint8), stable=True)
+        keep, gone = order[: self.n - n_done], order[self.n - n_done:]
+        finished = self.s.rows[gone], self.s.best[gone]
+        self.s = self.s.select(keep)
         return finished
 
     # ------------------------------------------------------------------ shared pieces

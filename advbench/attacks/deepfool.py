@@ -74,7 +74,8 @@ class DeepFool(GradientAttack):
     onto the closest boundary between the original class and one of the ``candidates`` - 1 other
     most likely classes of the clean input (see :func:`closest_boundary_step`). The steps
     accumulate into r; the current point is clip(x + (1 + overshoot) r), as in the authors' code.
-    Each example stops as soon as it is misclassified and drops out of later passes; after
+    Each example stops as soon as it is misclassified and drops out of later passes (one host
+    synchronisation per iteration: the size of the next pass's batch); after
     ``steps`` iterations an example still classified correctly gets ``x`` back (nothing found).
     A minimal-perturbation attack: the budget eps is ignored (see :mod:`advbench.attacks.base`).
 
@@ -118,11 +119,16 @@ class DeepFool(GradientAttack):
                 classes = scores.topk(min(self.candidates, scores.shape[1]), dim=1).indices[:, 1:]
             done = reached(net, x_leaf.detach(), logits.detach(), y[idx], None, threat)
             found[idx] = done
-            if it == self.steps or bool(done.all()):
+            if it == self.steps:
+                break
+            # the iteration's one host synchronisation: which examples go on (the next pass's
+            # batch size); it pays for itself, each example dropped saves its candidates - 1
+            # backward passes in every later iteration, and ends the loop when none is left
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:
                 break
             step = closest_boundary_step(logits, x_leaf, y[idx], classes[idx], threat.norm)
             with torch.no_grad():
-                keep = ~done
                 idx = idx[keep]
                 r_total[idx] += step[keep]
                 x_adv[idx] = (x[idx] + (1 + self.overshoot) * r_total[idx]).clamp_(lo, hi)

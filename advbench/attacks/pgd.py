@@ -9,7 +9,7 @@ from pydantic import model_validator
 
 from advbench.access import Handle
 from advbench.attacks.base import GradientAttack, white_box
-from advbench.tensors import rand_like, randn_like
+from advbench.tensors import rand_like, randn_like, rows
 from advbench.attacks.losses import ascend_l2, ascend_linf, linf_box, objective, per_example_objective
 from advbench.audit import goal_met
 from advbench import params
@@ -105,7 +105,7 @@ class PGD(GradientAttack):
         best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
         done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         idx = torch.arange(x.shape[0], device=x.device)
-        for r in range(self.restarts):
+        for r in range(self.restarts):  # one host synchronisation per restart, none per step
             if r > 0:
                 idx = (~done).nonzero().squeeze(1)  # later restarts: only the examples still failing
                 if idx.numel() == 0:
@@ -119,7 +119,7 @@ class PGD(GradientAttack):
                 if threat.quantize == "8bit":  # succeed as the audit will judge it: after rounding too
                     success &= goal_met(net(threat.quantized(x_r, x[idx])).argmax(dim=1), y[idx], t)
                 take = success | (loss > best_loss[idx])
-                best[idx[take]] = x_r[take]
+                best[idx] = torch.where(rows(take, x_r), x_r, best[idx])  # a mask: no sync
                 best_loss[idx] = torch.where(take, loss, best_loss[idx])
                 done[idx] = success
         return best

@@ -90,7 +90,7 @@ from advbench.attacks.base import Attack
 from advbench.audit import targetable
 from advbench.errors import UnsupportedThreatError
 from advbench.registry import ATTACKS
-from advbench.tensors import rows
+from advbench.tensors import rows, to_device
 from advbench.threat import Knowledge, Norm, Targeting, ThreatModel
 
 #: halving points of the reference's schedule, in iterations of a 10,000-query horizon
@@ -202,8 +202,11 @@ class Square(Attack):
 
     # ------------------------------------------------------------------ pieces
     def _draw(self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+        """Uniform draws from ``generator`` on its own device, then moved to ``device`` (from a CPU
+        generator to a GPU without a blocking copy's stream synchronisation:
+        :func:`~advbench.tensors.to_device`)."""
         dev = generator.device if generator is not None else device
-        return torch.rand(shape, generator=generator, device=dev).to(device)
+        return to_device(torch.rand(shape, generator=generator, device=dev), device)
 
     def _signs(self, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
                dtype: torch.dtype) -> torch.Tensor:
@@ -357,6 +360,10 @@ class Square(Attack):
         horizon = min(self.queries, int(allow.max())) - 1  # iterations after the first query
         for i in range(horizon):
             active = (margin >= 0) & (used < allow)
+            # the iteration's one host synchronisation, kept: only the examples still failing are
+            # queried (the reference's ``idx_to_fool``), so queries and passes are counted as
+            # spent, and under l2 (or ``draws: example``) the generator draws per queried example,
+            # so masking the whole batch instead would change the draws and the results
             a = active.nonzero().squeeze(1)
             if a.numel() == 0:
                 break
