@@ -1,8 +1,8 @@
 """Scaling out: one grid of jobs in this process, on a Ray cluster of 1 worker and of 2 workers.
 
-The grid (``GRID``): the MNIST reference CNN on 4,000 MNIST test images in shards of 250, FGSM,
-BIM and PGD at three L-inf budgets, plus the gradient-masking probe: 16 shards x 3 attacks x 3
-eps = 144 jobs and the probe. Each condition is a fresh ``advbench evaluate`` process into a
+The grid (:func:`grid`): the MNIST reference CNN on the 2,000 MNIST ``test-eval`` images in
+shards of 250, FGSM, BIM-20 and PGD-40 at three L-inf budgets, plus the gradient-masking probe:
+8 shards x 3 attacks x 3 eps = 72 jobs and the probe. Each condition is a fresh ``advbench evaluate`` process into a
 fresh folder, one thread per job (``--threads 1`` in process; a Ray worker has one CPU):
 
 - ``inprocess``: the default executor;
@@ -14,7 +14,7 @@ time of its job phase (run.json ``jobs.seconds``: first job dispatched to last r
 and the speed-ups of ``ray-2`` over ``ray-1`` and over ``inprocess``; every run's results.csv
 (less the seconds column) must equal the in-process run's byte for byte, or the script fails.
 
-    python benchmarks/scale.py                # 2 rounds, ~6 min on 2 cores
+    python benchmarks/scale.py                # 2 rounds, ~8 min on 2 cores
     python benchmarks/scale.py --rounds 1 --n 1000 --out -
 """
 
@@ -49,7 +49,7 @@ def grid(n: int) -> dict:
         "data": {"name": "mnist", "split": "test-eval", "n": n, "root": str(SHARED)},
         "models": ["mnist-cnn"],
         "threats": [{"norm": "linf", "eps": [0.1, 0.2, 0.3]}],
-        "attacks": ["fgsm", {"name": "bim", "steps": 10}, {"name": "pgd", "steps": 20}],
+        "attacks": ["fgsm", {"name": "bim", "steps": 20}, {"name": "pgd", "steps": 40}],
         "batch_size": 250,
     }
 
@@ -85,7 +85,7 @@ def run(config: Path, out: Path, extra: list[str]) -> tuple[float, dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--n", type=int, default=4000, help="MNIST test images (shards of 250)")
+    ap.add_argument("--n", type=int, default=2000, help="MNIST test-eval images (shards of 250; at most 2000)")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="report file ('-': print only)")
     args = ap.parse_args(argv)
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`python benchmarks/scale.py --rounds {args.rounds} --n {args.n}` on {platform.machine()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}: {jobs} jobs (mnist-cnn, {args.n} MNIST "
-        f"test images in shards of 250, FGSM, BIM-10, PGD-20 at linf 0.1/0.2/0.3, and the masking probe), "
+        f"test images in shards of 250, FGSM, BIM-20, PGD-40 at linf 0.1/0.2/0.3, and the masking probe), "
         f"one thread per job, median of {args.rounds} interleaved rounds, each a fresh process.",
         "",
         "| condition | wall time (s) | job phase (s) | wall vs ray-1 | job phase vs ray-1 |",

@@ -8,8 +8,8 @@ content digests the driver planned on (a node with another file at the same path
 and it runs the job with the job's own seed, so a Ray run writes the same results as an
 in-process run, whatever worker ran which job and in which order.
 
-Scheduling: the jobs go out in plan order, one unit at a time per worker (a minimal-perturbation
-attack's eps sweep is one unit, searched once). A cascaded job waits until the jobs it reads
+Scheduling: the jobs go out in plan order, two units queued at each worker (a
+minimal-perturbation attack's eps sweep is one unit, searched once). A cascaded job waits until the jobs it reads
 are stored; the driver then computes, from the store, which examples they left robust and sends
 that with the job (:func:`~advbench.eval.executors.needs`). A worker that dies mid-job (killed,
 out of host memory, its node lost) is replaced and its unit retried, up to ``max_attempts``
@@ -38,6 +38,8 @@ from advbench.store import JobRecord
 
 #: how long the driver waits for a cluster's head to accept a connection
 CONNECT_TIMEOUT_S = 5.0
+#: units queued at each worker: its next one is there when it finishes, not a round trip later
+QUEUE_DEPTH = 2
 
 
 class ExecutorError(AdvbenchError):
@@ -123,7 +125,7 @@ class RayExecutor:
         self.info: list[dict[str, Any]] = []
         self.retries: list[dict[str, Any]] = []
         self.oom_events: list[dict[str, Any]] = []
-        self._busy: dict[int, Any] = {}  # actor index -> the ref of its unit in flight
+        self._busy: dict[int, list[Any]] = {}  # actor index -> the refs of its units in flight, in order
         self._owns = False
         self._spawn_args: tuple[Any, ...] = ()
 
@@ -185,7 +187,7 @@ class RayExecutor:
 
     def busy_pids(self) -> list[int]:
         """The process ids of the workers running a unit now."""
-        return [self.info[i]["pid"] for i in self._busy]
+        return [self.info[i]["pid"] for i, refs in self._busy.items() if refs]
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": "ray", "address": self.address or "local", "workers": len(self.info),
@@ -201,30 +203,28 @@ class RayExecutor:
         todo_keys = {j.key for j in jobs}
         pending: list[tuple[list[Job], int]] = [(b, 1) for b in bundles(jobs)]
         done: set[str] = set()
-        flight: dict[Any, tuple[int, list[Job], int]] = {}
+        #: ref -> (actor index, the actor's generation when sent, unit, attempt)
+        flight: dict[Any, tuple[int, int, list[Job], int]] = {}
+        generation = [0] * len(self.actors)
 
         def ready(unit: list[Job]) -> bool:
             return all(k in done or k not in todo_keys for j in unit for k in dependencies(j))
 
         while pending or flight:
-            for i in [i for i in range(len(self.actors)) if i not in self._busy]:
-                pick = next((p for p in pending if ready(p[0])), None)
-                if pick is None:
-                    break
-                pending.remove(pick)
-                unit, attempt = pick
-                masks = {_group_key(g): lookup(g) for j in unit for g in needs(j)}
-                ref = self.actors[i].run.remote([j.to_json() for j in unit], masks)
-                flight[ref], self._busy[i] = (i, unit, attempt), ref
+            self._dispatch(pending, ready, lookup, flight, generation)
             if not flight:
                 raise ExecutorError("no job can run: the plan's cascade waits on jobs that never run (a bug)")
             (ref,), _ = ray.wait(list(flight), num_returns=1)
-            i, unit, attempt = flight.pop(ref)
-            self._busy.pop(i, None)
+            i, gen, unit, attempt = flight.pop(ref)
+            self._busy[i] = [r for r in self._busy.get(i, []) if r != ref]
             try:
                 records, ooms = ray.get(ref)
             except _ACTOR_GONE(ray) as exc:
-                self._retry(i, unit, attempt, exc, pending)
+                if gen == generation[i]:  # the first of its units to report the death replaces it
+                    self._replace(i)
+                    generation[i] += 1
+                    self._busy[i] = []
+                self._retry(unit, attempt, exc, pending)
                 continue
             except ray.exceptions.RayTaskError as exc:
                 raise _job_error(exc, unit[0], self.info[i]["node"]) from None
@@ -235,16 +235,38 @@ class RayExecutor:
             if self.on_result is not None:
                 self.on_result(self)
 
-    def _retry(self, i: int, unit: list[Job], attempt: int, exc: Exception, pending: list[tuple[list[Job], int]]) -> None:
-        """Replace dead actor ``i`` and put its unit first in line (an error after ``max_attempts``)."""
+    def _dispatch(self, pending: list[tuple[list[Job], int]], ready: Callable[[list[Job]], bool],
+                  lookup: RobustLookup, flight: dict[Any, tuple[int, int, list[Job], int]],
+                  generation: list[int]) -> None:
+        """Keep up to :data:`QUEUE_DEPTH` units queued at every worker (the next one waits there
+        while the driver stores the last one's records), the first ready units in plan order."""
+        for depth in range(1, QUEUE_DEPTH + 1):
+            for i in range(len(self.actors)):
+                if len(self._busy.setdefault(i, [])) >= depth:
+                    continue
+                pick = next((p for p in pending if ready(p[0])), None)
+                if pick is None:
+                    return
+                pending.remove(pick)
+                unit, attempt = pick
+                masks = {_group_key(g): lookup(g) for j in unit for g in needs(j)}
+                ref = self.actors[i].run.remote([j.to_json() for j in unit], masks)
+                flight[ref] = (i, generation[i], unit, attempt)
+                self._busy[i].append(ref)
+
+    def _replace(self, i: int) -> None:
+        """A new actor in place of dead actor ``i``."""
+        self.actors[i] = self._remote.remote(*self._spawn_args)
+        self.info[i] = self._ready(i)
+
+    def _retry(self, unit: list[Job], attempt: int, exc: Exception, pending: list[tuple[list[Job], int]]) -> None:
+        """Put a dead worker's unit first in line again (an error after ``max_attempts``)."""
         what = f"{unit[0].model['name']} / {unit[0].attack_label} ({len(unit)} job(s))"
         self.retries.append({"jobs": [j.key for j in unit], "what": what, "attempt": attempt,
                              "error": " ".join(str(exc).split())[:200], "time": time.time()})
         if attempt >= self.max_attempts:
             raise ExecutorError(f"{what} failed {attempt} times: its Ray worker died each time "
                                 f"({' '.join(str(exc).split())[:200]})")
-        self.actors[i] = self._remote.remote(*self._spawn_args)
-        self.info[i] = self._ready(i)
         pending.insert(0, (unit, attempt + 1))
 
 
