@@ -34,6 +34,8 @@ import yaml
 from _common import publish  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
+# benchmarks/autoattack.py would shadow the `autoattack` module robustbench imports
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 DEFAULT_OUT = HERE / "results" / "real_size.md"
 SHARED = HERE.parent.parent / "shared" / "data"
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2471, 0.2435, 0.2616]
