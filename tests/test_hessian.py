@@ -215,3 +215,33 @@ def test_divergences_of_exact_spectra_on_shared_bins(digits_cnn, digits_test):
     assert torch.allclose(out["histograms"].sum(dim=1), torch.ones(10, dtype=torch.float64))
     assert bool((out["kl"] >= 0).all() & torch.isfinite(out["kl"]).all())
     assert torch.allclose(histograms(spectra, out["edges"]).mean(dim=0), out["pooled"])
+
+
+@pytest.mark.parametrize("which", ["digits_mlp", "digits_cnn"])
+def test_the_gauss_newton_path_is_the_exact_hessian_of_a_relu_network(which, request, digits_test):
+    from advbench.analysis.hessian import GaussNewton, gauss_newton_is_exact
+
+    model = request.getfixturevalue(which)
+    x, y = digits_test.x[:6], digits_test.y[:6]
+    full, gn = InputHessian(model, x, y, dtype=torch.float64), GaussNewton(model, x, y, dtype=torch.float64)
+    H = full.exact()
+    scale = float(H.abs().max())
+    assert torch.allclose(gn.exact(), H, rtol=1e-8, atol=1e-10 * scale)
+    assert torch.allclose(gn.gradient, full.gradient.double(), rtol=1e-8, atol=1e-12)
+    exact = eigenvalues(H)
+    assert torch.allclose(gn.spectrum(), exact, atol=1e-9 * float(exact.abs().max()))
+    values, vectors = gn.top_eigen(3)
+    assert torch.allclose(values, exact.flip(1)[:, :3], atol=1e-9 * float(exact.abs().max()))
+    hv = torch.einsum("nij,nkj->nki", H, vectors)
+    assert torch.allclose(hv, values[:, :, None] * vectors, atol=1e-8 * float(exact.abs().max()))
+    assert bool(gauss_newton_is_exact(model, x, y, torch.Generator().manual_seed(0)).all())
+    # every estimator takes it: Hutchinson on the Gauss-Newton form, 2 products per sample of nothing but matmuls
+    est, se = hutchinson(gn, 200, torch.Generator().manual_seed(1))
+    assert bool(((est - exact.sum(dim=1)).abs() <= 3 * se + 1e-12).all())
+
+
+def test_a_smooth_model_is_not_its_gauss_newton_form(smooth_mlp, digits_test):
+    from advbench.analysis.hessian import gauss_newton_is_exact
+
+    x, y = digits_test.x[:6], digits_test.y[:6]
+    assert not bool(gauss_newton_is_exact(smooth_mlp, x, y, torch.Generator().manual_seed(0)).any())
