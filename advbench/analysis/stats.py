@@ -8,6 +8,7 @@ resampling draws from a seeded ``numpy`` generator so a seed fixes every interva
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,10 +42,12 @@ def spearman(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0,
     n = len(a)
     if n < 3:
         return Estimate(float("nan"), float("nan"), float("nan"), n, level)
-    value = float(sps.spearmanr(a, b).statistic)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(resamples, n))
-    boots = np.array([sps.spearmanr(a[i], b[i]).statistic for i in idx], dtype=float)
+    with warnings.catch_warnings():  # a constant sample has no rank correlation: NaN, handled below
+        warnings.simplefilter("ignore", sps.ConstantInputWarning)
+        value = float(sps.spearmanr(a, b).statistic)
+        boots = np.array([sps.spearmanr(a[i], b[i]).statistic for i in idx], dtype=float)
     boots = boots[np.isfinite(boots)]  # a resample with one distinct value has no rank correlation
     q = (1 - level) / 2
     low, high = (np.quantile(boots, [q, 1 - q]) if len(boots) else (float("nan"), float("nan")))
