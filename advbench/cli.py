@@ -106,9 +106,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {k: v for k, v in (("device", args.device), ("seed", args.seed)) if v is not None}
     executor = {k: v for k, v in (("name", args.executor), ("address", args.address), ("workers", args.workers))
                 if v is not None}
-    if executor:  # the command line's executor fields replace the config's, one by one
-        base = load_config(args.config).executor.model_dump(exclude_defaults=True)
-        overrides["executor"] = {**base, **executor}
+    if executor == {"name": "inprocess"}:  # in process: the config's Ray settings no longer apply
+        overrides["executor"] = "inprocess"
+    elif executor:  # merged into the config's executor field by field
+        overrides["executor"] = executor
     config = load_config(args.config, overrides)
     out = Path(args.out) if args.out else Path("advbench-runs") / config.hash()
     result = evaluate(

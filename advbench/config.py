@@ -269,10 +269,17 @@ def parse_config(raw: Any) -> BenchmarkConfig:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> BenchmarkConfig:
     """Read a YAML config file, or the embedded default when ``path`` is None; ``overrides``
-    replace top-level fields before validation (the command line's --device, --seed, ...)."""
+    replace top-level fields before validation (the command line's --device, --seed, ...). A
+    mapping override is merged into the config's mapping field key by key (a one-word field,
+    ``executor: ray``, counts as its ``name``)."""
     raw = yaml.safe_load(DEFAULT_CONFIG_YAML) if path is None else read_yaml_file(path)
     if overrides and isinstance(raw, dict):
-        raw = {**raw, **overrides}
+        merged = dict(raw)
+        for key, value in overrides.items():
+            base = raw.get(key)
+            base = {"name": base} if isinstance(base, str) else base
+            merged[key] = {**base, **value} if isinstance(value, dict) and isinstance(base, dict) else value
+        raw = merged
     return parse_config(raw)
 
 

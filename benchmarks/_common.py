@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -33,3 +35,18 @@ def distances_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torc
         fooled = model(x_adv).argmax(dim=1) != y
     d = norm_of(x_adv - x, norm)
     return torch.where(fooled, d, torch.full_like(d, math.inf))
+
+
+def sync(device: torch.device) -> None:
+    """Wait for a CUDA device's queued work (a no-op elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of ``fn()``, the device drained before and after (never inside)."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0

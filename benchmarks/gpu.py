@@ -72,7 +72,8 @@ def _load(name: str, path: str) -> Any:
     return module
 
 
-publish = _load("_benchmarks_common", os.path.join(HERE, "_common.py")).publish
+_common = _load("_benchmarks_common", os.path.join(HERE, "_common.py"))
+publish, sync, timed = _common.publish, _common.sync, _common.timed
 DEFAULT_OUT = os.path.join(HERE, "results", "gpu.md")
 EPS = 8 / 255
 MODELS = ("resnet18", "wrn-28-10", "cifar10-cnn")
@@ -268,20 +269,6 @@ class BusySampler:
 
 
 # ---------------------------------------------------------------------- timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall seconds of ``fn()``, the device drained before and after (never inside)."""
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
-
-
 def baseline(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
              reps: int) -> tuple[float, float]:
     """(forward, forward+backward w.r.t. the input) seconds on the batch ``x``, medians of ``reps``."""

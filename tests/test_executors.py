@@ -131,3 +131,18 @@ def test_channels_last_puts_the_convolutions_in_nhwc_and_is_part_of_the_runs_ide
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     res = evaluate(config, tmp_path, progress=False, warn=False)
     assert res.table.audit_violations.sum() == 0 and len(res.table) > 0
+
+
+def test_the_command_lines_executor_flags_merge_into_the_configs(tmp_path):
+    import yaml
+
+    from advbench.cli import main
+    from advbench.config import load_config
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**CASCADE, "data": {"name": "digits", "n": 10}, "attacks": ["fgsm"],
+                                   "masking_checks": False, "executor": {"name": "ray", "workers": 4}}))
+    assert load_config(cfg, {"executor": {"address": "h:1"}}).executor.model_dump() == {
+        "name": "ray", "address": "h:1", "workers": 4, "gpus_per_job": 0.0}
+    assert main(["evaluate", str(cfg), "--out", str(tmp_path / "run"), "--quiet", "--executor", "inprocess"]) == 0
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["executor"] == {"name": "inprocess"}

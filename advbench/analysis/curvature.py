@@ -89,25 +89,7 @@ def image_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, second: n
     out: dict[str, Any] = {"index": index.cpu().numpy()}
     spec = spectra(model, x, y, max_exact_dim=max_exact_dim, generator=generator)
     h = spec["hessian"]
-    if "values" in spec:
-        values = spec["values"]
-        edges = shared_edges(values, bins)
-        hist = histograms(values, edges)
-        out["trace"] = values.sum(dim=1).cpu().numpy()
-        neg = values.clamp_max(0).abs().sum(dim=1)
-        out["neg_share"] = (neg / values.abs().sum(dim=1).clamp_min(1e-300)).cpu().numpy()
-    else:
-        dens = spec["density"]
-        lo, hi = float(dens.nodes.min()), float(dens.nodes.max())
-        edges = torch.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1, dtype=torch.float64, device=x.device)
-        hist = dens.histogram(edges)
-        trace, trace_se = hutchinson(h, HUTCHINSON_SAMPLES, generator)  # more samples than SLQ's probes
-        out["trace"], out["trace_se"] = trace.cpu().numpy(), trace_se.cpu().numpy()
-        neg = (dens.nodes.clamp_max(0).abs() * dens.weights).sum(dim=2).mean(dim=1)
-        out["neg_share"] = (neg / (dens.nodes.abs() * dens.weights).sum(dim=2).mean(dim=1).clamp_min(1e-300)).cpu().numpy()
-    pooled = hist.mean(dim=0, keepdim=True).expand_as(hist)
-    out["kl"], out["js"] = kl(hist, pooled).cpu().numpy(), js(hist, pooled).cpu().numpy()
-    out["top_eigenvalue"] = spec["top_value"].cpu().numpy()
+    out.update(spectral_columns(spec, bins, generator))
     g = h.gradient.double()
     out["grad_norm"] = g.norm(dim=1).cpu().numpy()
     out["k_gradient"] = curvature(h, g).cpu().numpy()
@@ -172,13 +154,11 @@ def summary(table: pd.DataFrame, by: str = "kl", groups: int = 3, resamples: int
             "spearman": correlations}
 
 
-def spectral_measures(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, bins: int = 50,
-                      generator: torch.Generator | None = None, max_exact_dim: int = 3072) -> pd.DataFrame:
-    """Label-free-usable curvature measures per image at ``x`` for ``labels`` (a detector passes
-    the model's own predictions): trace, top eigenvalue, negative share, ``k`` along the gradient,
-    and KL / JS from the pooled histogram of these images."""
-    spec = spectra(model, x, labels, max_exact_dim=max_exact_dim, generator=generator)
-    h = spec["hessian"]
+def spectral_columns(spec: dict[str, Any], bins: int, generator: torch.Generator | None) -> dict[str, np.ndarray]:
+    """From :func:`spectra`'s result, per image: trace (by Hutchinson, with ``trace_se``, where the
+    spectrum is an SLQ estimate), top eigenvalue, negative share, and KL / JS of the spectrum
+    histogram from the pooled one on shared bins."""
+    h, out = spec["hessian"], {}
     if "values" in spec:
         values = spec["values"]
         hist = histograms(values, shared_edges(values, bins))
@@ -188,14 +168,25 @@ def spectral_measures(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, b
         dens = spec["density"]
         lo, hi = float(dens.nodes.min()), float(dens.nodes.max())
         hist = dens.histogram(torch.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1, dtype=torch.float64,
-                                             device=x.device))
-        trace = hutchinson(h, HUTCHINSON_SAMPLES, generator)[0]
+                                             device=dens.nodes.device))
+        trace, trace_se = hutchinson(h, HUTCHINSON_SAMPLES, generator)  # more samples than SLQ's probes
+        out["trace_se"] = trace_se.cpu().numpy()
         neg = ((dens.nodes.clamp_max(0).abs() * dens.weights).sum(dim=2).mean(dim=1)
                / (dens.nodes.abs() * dens.weights).sum(dim=2).mean(dim=1).clamp_min(1e-300))
     pooled = hist.mean(dim=0, keepdim=True).expand_as(hist)
-    return pd.DataFrame({"trace": trace.cpu().numpy(), "top_eigenvalue": spec["top_value"].cpu().numpy(),
-                         "neg_share": neg.cpu().numpy(), "k_gradient": curvature(h, h.gradient.double()).cpu().numpy(),
-                         "kl": kl(hist, pooled).cpu().numpy(), "js": js(hist, pooled).cpu().numpy()})
+    return {"trace": trace.cpu().numpy(), **out, "neg_share": neg.cpu().numpy(),
+            "kl": kl(hist, pooled).cpu().numpy(), "js": js(hist, pooled).cpu().numpy(),
+            "top_eigenvalue": spec["top_value"].cpu().numpy()}
+
+
+def spectral_measures(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, bins: int = 50,
+                      generator: torch.Generator | None = None, max_exact_dim: int = 3072) -> pd.DataFrame:
+    """Label-free-usable curvature measures per image at ``x`` for ``labels`` (a detector passes
+    the model's own predictions): :func:`spectral_columns` and ``k`` along the gradient."""
+    spec = spectra(model, x, labels, max_exact_dim=max_exact_dim, generator=generator)
+    h = spec["hessian"]
+    cols = {k: v for k, v in spectral_columns(spec, bins, generator).items() if k != "trace_se"}
+    return pd.DataFrame({**cols, "k_gradient": curvature(h, h.gradient.double()).cpu().numpy()})
 
 
 def detector(model: nn.Module, clean: torch.Tensor, adversarial: torch.Tensor, bins: int = 50,

@@ -291,25 +291,27 @@ class GaussNewton:
         """The (N, D, D) matrices ``J^T A J``."""
         return torch.einsum("nkd,nkl,nle->nde", self.J, self.A, self.J)
 
-    def _root(self) -> torch.Tensor:
+    def _small(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A^(1/2)`` and the K x K matrix ``A^(1/2) J J^T A^(1/2)``, whose nonzero eigenvalues
+        are the Hessian's."""
         lam, U = torch.linalg.eigh(self.A)
-        return U @ torch.diag_embed(lam.clamp_min(0).sqrt()) @ U.transpose(1, 2)
+        root = U @ torch.diag_embed(lam.clamp_min(0).sqrt()) @ U.transpose(1, 2)
+        return root, root @ torch.einsum("nkd,nld->nkl", self.J, self.J) @ root
 
     def spectrum(self) -> torch.Tensor:
         """All D eigenvalues per example (N, D), ascending, without forming a D x D matrix: the
         nonzero ones are those of the K x K matrix ``A^(1/2) J J^T A^(1/2)``, the rest zero."""
         if self.dim <= self.J.shape[1]:
             return eigenvalues(self.exact())
-        root = self._root()
-        small = torch.linalg.eigvalsh(root @ torch.einsum("nkd,nld->nkl", self.J, self.J) @ root)
+        small = torch.linalg.eigvalsh(self._small()[1])
         zeros = small.new_zeros(self.n, self.dim - small.shape[1])
         return torch.cat([small, zeros], dim=1).sort(dim=1).values
 
     def top_eigen(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-``k`` eigenvalues (N, k), descending, and unit eigenvectors (N, k, D), from the
         K x K problem (k at most K; eigenvectors of zero eigenvalues are not unique: left zero)."""
-        root = self._root()
-        lam, U = torch.linalg.eigh(root @ torch.einsum("nkd,nld->nkl", self.J, self.J) @ root)
+        root, small = self._small()
+        lam, U = torch.linalg.eigh(small)
         lam, U = lam.flip(1)[:, :k], U.flip(2)[:, :, :k]
         vec = torch.einsum("nkd,nkl,nlj->njd", self.J, root, U)
         norm = vec.norm(dim=2, keepdim=True)

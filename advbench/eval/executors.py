@@ -82,7 +82,6 @@ class InProcessExecutor:
         pass
 
     def map(self, jobs: list[Job], worker: Worker, lookup: RobustLookup) -> Iterator[tuple[Job, JobRecord]]:
-        self.worker = worker
         worker.robust_lookup = lookup
         for job in jobs:
             yield job, worker.run(job)

@@ -155,7 +155,7 @@ class RayExecutor:
         cpus, gpus = int(resources.get("CPU", 0)), float(resources.get("GPU", 0))
         fit = cpus if not self.gpus_per_job else min(cpus, int(gpus / self.gpus_per_job + 1e-9))
         n = self.requested or max(fit, 1)
-        if n * 1 > cpus or n * self.gpus_per_job > gpus + 1e-9:
+        if n > cpus or n * self.gpus_per_job > gpus + 1e-9:
             raise ConfigError(f"executor: {n} worker(s) with 1 CPU and {self.gpus_per_job:g} GPU each need {n} CPU(s) "
                               f"and {n * self.gpus_per_job:g} GPU(s); the cluster has {cpus} CPU(s) and {gpus:g} GPU(s) "
                               f"(give fewer workers, a smaller gpus_per_job, or a larger cluster)")
