@@ -4,6 +4,7 @@
     advbench list attacks|defenses|models|datasets|traversals|transformations|recipes [PATTERN]
     advbench config            # print the embedded default config
     advbench blindspots [CONFIG.yaml] [--out DIR]   # Level Set Traversal blind-spot analysis
+    advbench curvature [CONFIG.yaml] [--out DIR]    # input-space curvature and what it predicts
     advbench train CONFIG.yaml [--out NAME] [--device D] [--quiet]   # train a (defended) model
     advbench leaderboard build|check|update [--dir leaderboard] [--tolerance T]   # regression gate
     advbench report RUN_DIR [--out DIR]   # tables, report.md and plots rebuilt from a run's store
@@ -26,6 +27,9 @@ from advbench.blindspots.analysis import run_blindspots
 from advbench.blindspots.config import DEFAULT_BLINDSPOTS_YAML, load_blindspot_config, parse_blindspot_config
 from advbench.blindspots.report import markdown
 from advbench.config import DEFAULT_CONFIG_YAML, load_config
+from advbench.curvature import load_curvature_config, run_curvature
+from advbench.curvature.config import DEFAULT_CURVATURE_YAML
+from advbench.curvature.tables import is_curvature_run, rebuild
 from advbench.errors import AdvbenchError, ConfigError
 from advbench.eval.evaluator import evaluate
 from advbench.eval.tables import format_matrix
@@ -80,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--print-config", action="store_true", help="print the embedded default config and exit")
     bs.add_argument("--quiet", action="store_true", help="no progress lines and no tables on stdout")
 
+    cv = sub.add_parser("curvature", help="input-space curvature (Hessian spectra) per image and what it predicts; "
+                        "no CONFIG runs the embedded default")
+    cv.add_argument("config", nargs="?", help="YAML config file (default: digits + digits-cnn, about a minute)")
+    cv.add_argument("--out", help="output folder (default: advbench-curvature/<config hash>); rerunning into it "
+                    "resumes: finished batches are kept")
+    cv.add_argument("--device", help="override the config's device: cpu, cuda, cuda:N, auto")
+    cv.add_argument("--seed", type=int, help="override the config's seed")
+    cv.add_argument("--print-config", action="store_true", help="print the embedded default config and exit")
+    cv.add_argument("--quiet", action="store_true", help="no progress lines and no tables on stdout")
+
     tr = sub.add_parser("train", help="train a model from a train config (recipes: plain, madry, fast, trades, "
                         "distillation, thermometer); `evaluate` then loads it with {name: X, trained: NAME}")
     tr.add_argument("config", help="YAML train config (see configs/train-*.yaml)")
@@ -97,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="rebuild a run's tables (CSV, JSON, Markdown), report.md and plots from its "
                         "stored results, without rerunning any attack")
-    rp.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by 'advbench evaluate'")
+    rp.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by 'advbench evaluate' or 'advbench curvature'")
     rp.add_argument("--out", help="output folder (default: RUN_DIR/report)")
     return p
 
@@ -169,6 +183,21 @@ def cmd_blindspots(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_curvature(args: argparse.Namespace) -> int:
+    if args.print_config:
+        print(DEFAULT_CURVATURE_YAML, end="")
+        return 0
+    overrides = {k: v for k, v in (("device", args.device), ("seed", args.seed)) if v is not None}
+    config = load_curvature_config(args.config, overrides)
+    out = Path(args.out) if args.out else Path("advbench-curvature") / config.hash()
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    run_curvature(config, out, config_source=str(args.config) if args.config else None, log=log)
+    if not args.quiet:
+        print((out / "tables.md").read_text(), end="")
+        print(f"\nfiles -> {out}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("name", args.out), ("device", args.device)) if v is not None}
     config = load_train_config(args.config, overrides)
@@ -216,6 +245,11 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if is_curvature_run(args.run_dir):
+        result = rebuild(args.run_dir, args.out)
+        print((result.out / "tables.md").read_text(), end="")
+        print(f"\nreport -> {result.out / 'tables.md'} ({len(result.files)} files)")
+        return 0
     report = build_report(args.run_dir, args.out)
     print(format_matrix(report.matrix))
     if len(report.missing):
@@ -234,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     handlers = {
-        "evaluate": cmd_evaluate, "list": cmd_list, "config": cmd_config, "blindspots": cmd_blindspots, "train": cmd_train,
+        "evaluate": cmd_evaluate, "list": cmd_list, "config": cmd_config, "blindspots": cmd_blindspots, "curvature": cmd_curvature,
+        "train": cmd_train,
         "leaderboard": cmd_leaderboard, "report": cmd_report,
     }
 

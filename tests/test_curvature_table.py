@@ -80,7 +80,7 @@ def test_the_detector_reports_an_auc_per_measure(digits_cnn, digits_test):
                                           generator=torch.Generator().manual_seed(0))
     adv = res.x_adv[res.success]
     out = detector(digits_cnn, x[:len(adv)], adv, resamples=200)
-    assert set(out) == {"trace", "top_eigenvalue", "neg_share", "k_gradient", "kl", "js"}
+    assert set(out) == {"trace", "top_eigenvalue", "neg_share", "k_gradient", "uncertainty", "kl", "js"}
     assert all(0 <= v["value"] <= 1 for k, v in out.items() if k != "neg_share" or not np.isnan(v["value"]))
     again = spectral_measures(digits_cnn, x[:3], y[:3])
     assert len(again) == 3 and again.kl.ge(0).all()

@@ -27,7 +27,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("zoo",),
     ("config",),
     ("eval",),
-    ("blindspots", "leaderboard", "report"),
+    ("blindspots", "curvature", "leaderboard", "report"),
     ("cli", ""),
 ]
 

@@ -1,30 +1,35 @@
 """Input-space curvature per image and what it predicts (issue 14): one table row per image.
 
-:func:`image_table` computes, for every clean-correct image of a batch:
+:func:`batch_rows` computes, for every clean-correct image of a batch:
 
 - the spectrum of the input Hessian of the cross-entropy, in float64: by the Gauss-Newton path
   where it is the exact Hessian (piecewise-linear networks; checked per batch), else the exact
   ``D x D`` eigendecomposition (``D <= max_exact_dim``), else stochastic Lanczos quadrature (the
-  trace then by Hutchinson, with its standard error ``trace_se``); its trace, largest eigenvalue and the share of negative curvature (``neg_share``: the mass of the
-  negative eigenvalues over all absolute mass; zero for a Gauss-Newton matrix, which is PSD);
-- KL and Jensen-Shannon divergence of the image's spectrum histogram from the batch's pooled one
-  on shared bins (:mod:`advbench.analysis.spectra`);
+  trace then by Hutchinson, with its standard error ``trace_se``); its trace, largest eigenvalue
+  and the share of negative curvature (``neg_share``: the mass of the negative eigenvalues over
+  all absolute mass; zero for a Gauss-Newton matrix, which is PSD);
 - the curvature ``k(v, x)`` along the gradient, along the top eigenvector, averaged over random
   directions, and along the attack's perturbation;
 - per step size alpha (8-bit units, the seed's 0.1, 0.5, 1, 10), iterative FGSM's steps to
   misclassify, the MSE and confidence there, and the label flips along the run;
 - DeepFool's minimal L2 distance; the boundary point between the image and the first
-  misclassified iterate at ``boundary_alpha`` (bisection), its MSE, and whether a second model
-  misclassifies it (transfer).
+  misclassified iterate at ``boundary_alpha`` (bisection), its MSE, whether a second model
+  misclassifies it (transfer), and the decision boundary's curvature there
+  (:func:`boundary_curvature`).
 
-:func:`summary` groups the rows by quantiles of a measure (the seed's low / mid / high
-divergence) with bootstrap intervals of each outcome's median, and gives the Spearman
-correlation (with its interval) of every curvature measure with every outcome; :func:`detector`
-scores clean against adversarial images by a curvature measure (ROC AUC with its interval).
+KL and Jensen-Shannon divergence of each image's spectrum histogram from the pooled one of all
+images, on shared bins, need every image's spectrum: :func:`spectrum_histograms` and
+:func:`divergence_columns` take the spectra of all batches (:func:`image_table` does all of it
+for one batch). :func:`summary` groups the rows by quantiles of a measure (the seed's low / mid /
+high divergence) with bootstrap intervals of each outcome's median, and gives the Spearman
+correlation (with its interval) of every curvature measure with every outcome;
+:func:`detector` scores clean against adversarial images by a curvature measure (ROC AUC).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,40 +40,48 @@ from torch import nn
 from advbench.analysis.hessian import (
     GaussNewton,
     InputHessian,
+    SpectralDensity,
     curvature,
     gauss_newton_is_exact,
     hutchinson,
+    lanczos,
     slq,
     top_eigen,
 )
 from advbench.analysis.perturbability import boundary_point, ifgsm_trace, transfers
-from advbench.analysis.spectra import histograms, js, kl, shared_edges
-from advbench.analysis.stats import group_median, quantile_groups, roc_auc, spearman
+from advbench.analysis.spectra import histograms, js, kl
+from advbench.analysis.stats import group_median, partial_spearman, quantile_groups, roc_auc, spearman
 from advbench.registry import ATTACKS
 from advbench.tensors import randn_like
 from advbench.threat import ThreatModel
 
 ALPHAS = (0.1, 0.5, 1.0, 10.0)  # the seed's step sizes, in 8-bit pixel units
 HUTCHINSON_SAMPLES = 100  # the trace where the spectrum is estimated (SLQ), with its standard error
+BOUNDARY_LANCZOS_STEPS = 20  # Lanczos iterations for the boundary's largest principal curvature
 CURVATURE_MEASURES = ("kl", "js", "trace", "top_eigenvalue", "neg_share", "k_gradient", "k_top", "k_random",
                       "k_attack")
 
+#: one image set's spectra: ``{"values": (N, D)}`` (exact) or ``{"nodes", "weights": (N, probes, m)}`` (SLQ)
+Spectra = dict[str, np.ndarray]
 
-def _alpha_label(alpha: float) -> str:
+
+def alpha_label(alpha: float) -> str:
+    """The column suffix of a step size (``steps_0.5``)."""
     return f"{alpha:g}"
 
 
 def spectra(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, max_exact_dim: int = 3072, slq_steps: int = 40,
-            slq_probes: int = 10, generator: torch.Generator | None = None) -> dict[str, Any]:
+            slq_probes: int = 10, generator: torch.Generator | None = None, method: str = "auto") -> dict[str, Any]:
     """The Hessian's spectrum per image (``values`` (N, D) exact, or an SLQ ``density``), the
-    method used, the float64 Hessian object, and its top eigenvector (N, D) and eigenvalue."""
-    if bool(gauss_newton_is_exact(model, x, y, generator).all()):
+    method used, the float64 Hessian object, and its top eigenvector (N, D) and eigenvalue.
+    ``method="slq"`` forces the estimate (to compare it with the exact spectrum)."""
+    if method == "auto" and bool(gauss_newton_is_exact(model, x, y, generator).all()):
         h: Any = GaussNewton(model, x, y, dtype=torch.float64)
         values = h.spectrum()
         top_value, top_vec = (t[:, 0] for t in h.top_eigen(1))
         return {"method": "gauss-newton", "hessian": h, "values": values, "top_value": top_value, "top_vector": top_vec}
     h = InputHessian(model, x, y, dtype=torch.float64)
-    if h.dim <= max_exact_dim:
+    if method == "auto" and h.dim <= max_exact_dim:
         lam, vec = torch.linalg.eigh(h.exact())
         return {"method": "exact", "hessian": h, "values": lam, "top_value": lam[:, -1], "top_vector": vec[:, :, -1]}
     density = slq(h, slq_steps, slq_probes, generator)
@@ -76,20 +89,143 @@ def spectra(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, max_exact_dim
     return {"method": "slq", "hessian": h, "density": density, "top_value": value[:, 0], "top_vector": vector[:, 0]}
 
 
-def image_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, second: nn.Module | None = None,
-                alphas: tuple[float, ...] = ALPHAS, steps: int = 100, bounds: tuple[float, float] = (0.0, 1.0),
-                bins: int = 50, random_directions: int = 4, boundary_alpha: float = 1.0,
-                generator: torch.Generator | None = None, max_exact_dim: int = 3072) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """One row per clean-correct image of ``x`` (its position in ``index``); see the module
-    docstring. Returns the table and what was used (the spectrum method, products per image)."""
+def spectrum_arrays(spec: dict[str, Any]) -> Spectra:
+    """What of :func:`spectra`'s result the divergences need, as arrays (stored per batch)."""
+    if "values" in spec:
+        return {"values": spec["values"].double().cpu().numpy()}
+    return {"nodes": spec["density"].nodes.double().cpu().numpy(), "weights": spec["density"].weights.double().cpu().numpy()}
+
+
+def spectrum_stats(spec: dict[str, Any], generator: torch.Generator | None) -> dict[str, np.ndarray]:
+    """Per image, from :func:`spectra`'s result: trace (by Hutchinson, with ``trace_se``, where the
+    spectrum is an SLQ estimate), top eigenvalue and negative share."""
+    out: dict[str, np.ndarray] = {}
+    if "values" in spec:
+        values = spec["values"]
+        trace = values.sum(dim=1)
+        # eigenvalues within rounding of zero (the numerical-rank tolerance D * eps * max |lambda|)
+        # are zero: a PSD Gauss-Newton matrix's rounding-level negatives are no negative curvature
+        tol = values.shape[1] * torch.finfo(values.dtype).eps * values.abs().amax(dim=1, keepdim=True)
+        neg = (values.clamp_max(0).abs() * (values.abs() > tol)).sum(dim=1) / values.abs().sum(dim=1).clamp_min(1e-300)
+    else:
+        dens = spec["density"]
+        trace, trace_se = hutchinson(spec["hessian"], HUTCHINSON_SAMPLES, generator)  # more samples than SLQ's probes
+        out["trace_se"] = trace_se.cpu().numpy()
+        neg = ((dens.nodes.clamp_max(0).abs() * dens.weights).sum(dim=2).mean(dim=1)
+               / (dens.nodes.abs() * dens.weights).sum(dim=2).mean(dim=1).clamp_min(1e-300))
+    return {"trace": trace.cpu().numpy(), **out, "neg_share": neg.cpu().numpy(),
+            "top_eigenvalue": spec["top_value"].cpu().numpy()}
+
+
+SCALES = ("linear", "symlog")
+SYMLOG_RANGE = 1e-12  # symlog bins: |eigenvalues| below this fraction of the largest count as zero
+
+
+@dataclass(frozen=True)
+class Bins:
+    """Shared histogram bins: ``edges`` on the ``scale``d axis. ``linear`` bins the eigenvalues
+    themselves (the seed's); ``symlog`` bins ``sign(l) log10(1 + |l| / tau)`` with ``tau`` 1e-12
+    of the largest ``|l|``, so spectra that are all near zero on a linear axis (a confident
+    image's) still differ."""
+
+    edges: np.ndarray
+    scale: str = "linear"
+    tau: float = 1.0
+
+    def transform(self, v: torch.Tensor) -> torch.Tensor:
+        return v if self.scale == "linear" else torch.sign(v) * torch.log10(1 + v.abs() / self.tau)
+
+    def eigenvalue_edges(self) -> np.ndarray:
+        """The edges in eigenvalue units."""
+        e = self.edges
+        return e if self.scale == "linear" else np.sign(e) * self.tau * (10 ** np.abs(e) - 1)
+
+
+def shared_range(sets: Sequence[Spectra], bins: int, scale: str = "linear") -> Bins:
+    """``bins`` equal-width bins over the pooled range of every eigenvalue (or SLQ node), on ``scale``."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    arrays = [s["values"] if "values" in s else s["nodes"] for s in sets]
+    top = max(float(np.max(np.abs(a))) for a in arrays)
+    tau = SYMLOG_RANGE * top if top > 0 else 1.0
+    b = Bins(np.zeros(2), scale, tau)
+    lo = min(float(b.transform(torch.as_tensor(np.min(a))).item()) for a in arrays)
+    hi = max(float(b.transform(torch.as_tensor(np.max(a))).item()) for a in arrays)
+    if hi <= lo:  # one value everywhere: a bin around it
+        lo, hi = lo - 0.5, hi + 0.5
+    return Bins(np.linspace(lo, hi, bins + 1), scale, tau)
+
+
+def spectrum_histograms(sets: Sequence[Spectra], bins: Bins) -> np.ndarray:
+    """Every image's normalized spectrum histogram on the shared ``bins`` (all sets stacked:
+    (N, B)); mass outside the edges falls into the first or last bin."""
+    e = torch.as_tensor(bins.edges, dtype=torch.float64)
+    parts = []
+    for s in sets:
+        if "values" in s:
+            parts.append(histograms(bins.transform(torch.as_tensor(s["values"])), e))
+        else:
+            nodes = bins.transform(torch.as_tensor(s["nodes"]))
+            parts.append(SpectralDensity(nodes, torch.as_tensor(s["weights"])).histogram(e))
+    return torch.cat(parts).numpy() if parts else np.zeros((0, len(bins.edges) - 1))
+
+
+def divergence_columns(hist: np.ndarray, pooled: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """KL and JS of each histogram (N, B) from ``pooled`` (default: their mean, which is positive
+    wherever any of them is, so KL is finite)."""
+    p = torch.as_tensor(hist, dtype=torch.float64)
+    q = torch.as_tensor(hist.mean(axis=0) if pooled is None else pooled, dtype=torch.float64).expand_as(p)
+    return {"kl": kl(p, q).numpy(), "js": js(p, q).numpy()}
+
+
+def boundary_curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = BOUNDARY_LANCZOS_STEPS,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """The decision boundary's largest principal curvature (in magnitude, signed) at points ``x``
+    on it (Fawzi et al.'s view): with ``F = z_y - z_t`` (``t`` the largest other logit at ``x``), the
+    top eigenvalue of ``P H_F P / |grad F|``, ``P`` the projection onto the boundary's tangent
+    space; ``steps`` Lanczos iterations per point (N,). Zero almost everywhere on a
+    piecewise-linear network, whose boundary is piecewise flat."""
+    with torch.no_grad():
+        t = model(x).double().scatter(1, y[:, None], float("-inf")).argmax(dim=1)
+    h = InputHessian(model, x, y, target=t, dtype=torch.float64)
+    g = h.gradient.double()
+    u = g / g.norm(dim=1, keepdim=True).clamp_min(1e-300)
+
+    def project(v: torch.Tensor) -> torch.Tensor:
+        return v - (v * u).sum(dim=1, keepdim=True) * u
+
+    start = project(randn_like(torch.empty_like(g), generator))
+    tri = lanczos(lambda v: project(h.hvp(project(v)).double()), start, min(steps, h.dim - 1), generator)
+    theta = torch.linalg.eigvalsh(tri.T)
+    top = theta.gather(1, theta.abs().argmax(dim=1, keepdim=True)).squeeze(1)
+    return top / g.norm(dim=1).clamp_min(1e-300)
+
+
+def batch_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, second: nn.Module | None = None,
+               alphas: tuple[float, ...] = ALPHAS, steps: int = 100, bounds: tuple[float, float] = (0.0, 1.0),
+               random_directions: int = 4, boundary_alpha: float = 1.0, generator: torch.Generator | None = None,
+               max_exact_dim: int = 3072, slq_steps: int = 40, slq_probes: int = 10, approximate: bool = False,
+               ) -> tuple[pd.DataFrame, dict[str, Spectra], dict[str, Any]]:
+    """The per-image columns of the module docstring for the clean-correct images of ``x`` (their
+    positions in ``index``), all but the divergences; the spectra the divergences need
+    (``clean``, and with ``approximate`` the SLQ estimate of the same Hessians, ``approx``); and
+    what was used (method, products per image)."""
     with torch.no_grad():
         keep = model(x).argmax(dim=1) == y
     index = torch.nonzero(keep).squeeze(1)
     x, y = x[index], y[index]
     out: dict[str, Any] = {"index": index.cpu().numpy()}
-    spec = spectra(model, x, y, max_exact_dim=max_exact_dim, generator=generator)
+    info: dict[str, Any] = {"images": int(len(x)), "excluded_misclassified": int((~keep).sum())}
+    if len(x) == 0:
+        return pd.DataFrame(out), {}, {**info, "method": None, "hessian_products_per_image": 0}
+    spec = spectra(model, x, y, max_exact_dim=max_exact_dim, slq_steps=slq_steps, slq_probes=slq_probes,
+                   generator=generator)
+    sets = {"clean": spectrum_arrays(spec)}
+    if approximate and "values" in spec:  # the estimate beside the exact spectrum (the seed's comparison)
+        sets["approx"] = spectrum_arrays({"density": slq(spec["hessian"], slq_steps, slq_probes, generator)})
     h = spec["hessian"]
-    out.update(spectral_columns(spec, bins, generator))
+    out.update(spectrum_stats(spec, generator))
+    out.update(confidence_columns(h.logits, y))
     g = h.gradient.double()
     out["grad_norm"] = g.norm(dim=1).cpu().numpy()
     out["k_gradient"] = curvature(h, g).cpu().numpy()
@@ -97,49 +233,96 @@ def image_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, second: n
     like = torch.empty_like(g)
     out["k_random"] = torch.stack([curvature(h, randn_like(like, generator)) for _ in range(random_directions)]
                                   ).mean(dim=0).cpu().numpy()
+    out.update(_perturbability(model, x, y, h, second, alphas, steps, bounds, boundary_alpha, generator))
+    info.update({"method": spec["method"], "hessian_products_per_image": int(h.products)})
+    return pd.DataFrame(out), sets, info
 
-    first_adv = None
+
+def confidence_columns(logits: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
+    """The clean confidence (softmax probability of ``y``) and logit margin (``z_y`` over the
+    largest other logit): what a curvature measure must predict *beyond* to tell anything new."""
+    z = logits.double()
+    p = torch.softmax(z, dim=1).gather(1, y[:, None]).squeeze(1)
+    other = z.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+    return {"clean_confidence": p.cpu().numpy(), "clean_margin": (z.gather(1, y[:, None]).squeeze(1) - other).cpu().numpy()}
+
+
+def _perturbability(model: nn.Module, x: torch.Tensor, y: torch.Tensor, h: Any, second: nn.Module | None,
+                    alphas: tuple[float, ...], steps: int, bounds: tuple[float, float], boundary_alpha: float,
+                    generator: torch.Generator | None) -> dict[str, np.ndarray]:
+    """Iterative FGSM per alpha, the attack direction's curvature, the boundary point, DeepFool."""
+    out: dict[str, np.ndarray] = {}
+    nan = float("nan")
     for alpha in alphas:
         trace = ifgsm_trace(model, x, y, alpha / 255 * (bounds[1] - bounds[0]), steps, bounds,
                             keep_iterates=alpha == boundary_alpha)
-        a = _alpha_label(alpha)
+        a = alpha_label(alpha)
         out[f"steps_{a}"] = trace.steps.cpu().numpy()
         out[f"mse_{a}"] = trace.mse.cpu().numpy()
         out[f"confidence_{a}"] = trace.confidence.cpu().numpy()
         out[f"flips_{a}"] = trace.flips.cpu().numpy()
-        if trace.iterates is not None:
-            t = trace.steps.clamp_min(0)
-            first_adv = trace.iterates[t, torch.arange(len(x), device=x.device)]
-            found = trace.steps >= 0
-    if first_adv is not None:
+        if trace.iterates is None:
+            continue
+        found = trace.steps >= 0
+        first_adv = trace.iterates[trace.steps.clamp_min(0), torch.arange(len(x), device=x.device)]
         delta = (first_adv - x).reshape(len(x), -1).double()
-        k_attack = curvature(h, delta)
-        out["k_attack"] = torch.where(found, k_attack, torch.full_like(k_attack, float("nan"))).cpu().numpy()
+        out["k_attack"] = torch.where(found, curvature(h, delta), torch.full_like(delta[:, 0], nan)).cpu().numpy()
         bp = boundary_point(model, x, first_adv, y)
-        out["boundary_mse"] = torch.where(found, bp.mse, torch.full_like(bp.mse, float("nan"))).cpu().numpy()
+        out["boundary_mse"] = torch.where(found, bp.mse, torch.full_like(bp.mse, nan)).cpu().numpy()
+        kb = boundary_curvature(model, bp.x, y, generator=generator)
+        out["boundary_curvature"] = torch.where(found, kb, torch.full_like(kb, nan)).cpu().numpy()
         if second is not None:
             moved = transfers(second, bp.x, y)
             out["boundary_transfers"] = np.where(found.cpu().numpy(), moved.cpu().numpy().astype(float), np.nan)
     deepfool = ATTACKS.create("deepfool")(model, x, y, ThreatModel(norm="l2", eps=0.0, bounds=bounds))
     out["min_distance_l2"] = deepfool.minimal_distances.double().cpu().numpy()
-    info = {"method": spec["method"], "images": int(len(x)), "excluded_misclassified": int((~keep).sum()),
-            "hessian_products_per_image": int(h.products), "bins": bins, "alphas": list(alphas), "steps": steps}
-    return pd.DataFrame(out), info
+    return out
+
+
+def image_table(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, bins: int = 50, scale: str = "linear",
+                **kwargs: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """:func:`batch_rows` for one batch with its divergences, pooled over the batch's images."""
+    table, sets, info = batch_rows(model, x, y, **kwargs)
+    if "clean" in sets:
+        hist = spectrum_histograms([sets["clean"]], shared_range([sets["clean"]], bins, scale))
+        for name, col in divergence_columns(hist).items():
+            table[name] = col
+    return table, {**info, "bins": bins, "alphas": list(kwargs.get("alphas", ALPHAS)), "steps": kwargs.get("steps", 100)}
+
+
+def trajectory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, alpha: float, steps: int,
+               bounds: tuple[float, float] = (0.0, 1.0), **spectra_kwargs: Any) -> tuple[pd.DataFrame, Spectra]:
+    """Iterative FGSM at ``alpha`` (8-bit units) from each image for ``steps`` iterations: the
+    prediction at every iterate and whether it flipped there (long table: image, step, label,
+    flip), and the spectrum of the loss Hessian (for the clean label) at every iterate, row by
+    row in the table's order, for the divergences along the path."""
+    trace = ifgsm_trace(model, x, y, alpha / 255 * (bounds[1] - bounds[0]), steps, bounds, keep_iterates=True)
+    t1, n = trace.iterates.shape[:2]
+    flat = trace.iterates.transpose(0, 1).reshape(t1 * n, *x.shape[1:])  # image-major
+    labels = y.repeat_interleave(t1)
+    spec = spectra(model, flat, labels, **spectra_kwargs)
+    lab = trace.labels.cpu()
+    flip = torch.cat([torch.zeros(n, 1, dtype=torch.bool), lab[:, 1:] != lab[:, :-1]], dim=1)
+    table = pd.DataFrame({"image": np.repeat(np.arange(n), t1), "step": np.tile(np.arange(t1), n),
+                          "label": lab.reshape(-1).numpy(), "flip": flip.reshape(-1).numpy(),
+                          "misclassified": (lab != y.cpu()[:, None]).reshape(-1).numpy()})
+    return table, spectrum_arrays(spec)
 
 
 def outcomes(alphas: tuple[float, ...] = ALPHAS) -> list[str]:
-    """The outcome columns of :func:`image_table` a curvature measure may predict."""
+    """The outcome columns of :func:`batch_rows` a curvature measure may predict."""
     cols = ["min_distance_l2", "boundary_mse"]
-    for a in map(_alpha_label, alphas):
+    for a in map(alpha_label, alphas):
         cols += [f"steps_{a}", f"mse_{a}", f"confidence_{a}", f"flips_{a}"]
     return cols
 
 
 def summary(table: pd.DataFrame, by: str = "kl", groups: int = 3, resamples: int = 1000,
-            seed: int = 0) -> dict[str, Any]:
+            seed: int = 0, control: str | None = "clean_margin") -> dict[str, Any]:
     """Per quantile group of ``by`` (0 = lowest): each outcome's median with its bootstrap
     interval; over all rows: Spearman of every curvature measure with every outcome (an image
-    never misclassified within the run has steps NaN and drops out of that pair)."""
+    never misclassified within the run has steps NaN and drops out of that pair), and the same
+    with ``control`` (the clean logit margin) partialled out."""
     steps_cols = [c for c in table if c.startswith("steps_")]
     t = table.copy()
     for c in steps_cols:  # -1: not misclassified within the run
@@ -150,43 +333,46 @@ def summary(table: pd.DataFrame, by: str = "kl", groups: int = 3, resamples: int
                  for col in present}
     correlations = {m: {o: spearman(t[m].to_numpy(), t[o].to_numpy(), resamples, seed).to_dict() for o in present}
                     for m in CURVATURE_MEASURES if m in t}
-    return {"by": by, "groups": groups, "group_of_row": g.tolist(), "per_group": per_group,
-            "spearman": correlations}
-
-
-def spectral_columns(spec: dict[str, Any], bins: int, generator: torch.Generator | None) -> dict[str, np.ndarray]:
-    """From :func:`spectra`'s result, per image: trace (by Hutchinson, with ``trace_se``, where the
-    spectrum is an SLQ estimate), top eigenvalue, negative share, and KL / JS of the spectrum
-    histogram from the pooled one on shared bins."""
-    h, out = spec["hessian"], {}
-    if "values" in spec:
-        values = spec["values"]
-        hist = histograms(values, shared_edges(values, bins))
-        trace = values.sum(dim=1)
-        neg = values.clamp_max(0).abs().sum(dim=1) / values.abs().sum(dim=1).clamp_min(1e-300)
-    else:
-        dens = spec["density"]
-        lo, hi = float(dens.nodes.min()), float(dens.nodes.max())
-        hist = dens.histogram(torch.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1, dtype=torch.float64,
-                                             device=dens.nodes.device))
-        trace, trace_se = hutchinson(h, HUTCHINSON_SAMPLES, generator)  # more samples than SLQ's probes
-        out["trace_se"] = trace_se.cpu().numpy()
-        neg = ((dens.nodes.clamp_max(0).abs() * dens.weights).sum(dim=2).mean(dim=1)
-               / (dens.nodes.abs() * dens.weights).sum(dim=2).mean(dim=1).clamp_min(1e-300))
-    pooled = hist.mean(dim=0, keepdim=True).expand_as(hist)
-    return {"trace": trace.cpu().numpy(), **out, "neg_share": neg.cpu().numpy(),
-            "kl": kl(hist, pooled).cpu().numpy(), "js": js(hist, pooled).cpu().numpy(),
-            "top_eigenvalue": spec["top_value"].cpu().numpy()}
+    out = {"by": by, "groups": groups, "group_of_row": g.tolist(), "per_group": per_group, "spearman": correlations}
+    if control is not None and control in t:
+        c = t[control].to_numpy()
+        out["control"] = control
+        out["partial_spearman"] = {
+            m: {o: partial_spearman(t[m].to_numpy(), t[o].to_numpy(), c, resamples, seed).to_dict() for o in present}
+            for m in CURVATURE_MEASURES if m in t}
+        out["control_spearman"] = {o: spearman(c, t[o].to_numpy(), resamples, seed).to_dict() for o in present}
+    return out
 
 
 def spectral_measures(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, bins: int = 50,
                       generator: torch.Generator | None = None, max_exact_dim: int = 3072) -> pd.DataFrame:
     """Label-free-usable curvature measures per image at ``x`` for ``labels`` (a detector passes
-    the model's own predictions): :func:`spectral_columns` and ``k`` along the gradient."""
+    the model's own predictions), divergences pooled over ``x``: trace, top eigenvalue, negative
+    share, KL, JS, and ``k`` along the gradient."""
+    table, sets = detector_measures(model, x, labels, generator, max_exact_dim)
+    hist = spectrum_histograms([sets], shared_range([sets], bins))
+    return table.assign(**divergence_columns(hist))
+
+
+def detector_measures(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None,
+                      max_exact_dim: int = 3072) -> tuple[pd.DataFrame, Spectra]:
+    """:func:`spectral_measures` but the divergences, and the spectra they need (pooled later);
+    also ``uncertainty`` (one minus the predicted class's probability), the curvature-free baseline
+    a curvature detector must beat."""
     spec = spectra(model, x, labels, max_exact_dim=max_exact_dim, generator=generator)
     h = spec["hessian"]
-    cols = {k: v for k, v in spectral_columns(spec, bins, generator).items() if k != "trace_se"}
-    return pd.DataFrame({**cols, "k_gradient": curvature(h, h.gradient.double()).cpu().numpy()})
+    cols = {k: v for k, v in spectrum_stats(spec, generator).items() if k != "trace_se"}
+    confidence = confidence_columns(h.logits, labels)["clean_confidence"]
+    return pd.DataFrame({**cols, "k_gradient": curvature(h, h.gradient.double()).cpu().numpy(),
+                         "uncertainty": 1 - confidence}), spectrum_arrays(spec)
+
+
+def detector_auc(clean: pd.DataFrame, adversarial: pd.DataFrame, resamples: int = 1000,
+                 seed: int = 0) -> dict[str, dict[str, float]]:
+    """Per measure: the ROC AUC with its interval of telling adversarial (positive) from clean
+    images by it (below 0.5: larger on clean)."""
+    return {m: roc_auc(adversarial[m].to_numpy(), clean[m].to_numpy(), resamples, seed).to_dict()
+            for m in clean.columns if m in adversarial}
 
 
 def detector(model: nn.Module, clean: torch.Tensor, adversarial: torch.Tensor, bins: int = 50,
@@ -199,5 +385,4 @@ def detector(model: nn.Module, clean: torch.Tensor, adversarial: torch.Tensor, b
         labels = model(x).argmax(dim=1)
     table = spectral_measures(model, x, labels, bins, generator)
     n = len(clean)
-    return {m: roc_auc(table[m].to_numpy()[n:], table[m].to_numpy()[:n], resamples, seed).to_dict()
-            for m in table.columns}
+    return detector_auc(table.iloc[:n], table.iloc[n:], resamples, seed)

@@ -2,8 +2,9 @@
 intervals, groups by quantile (the seed's low / mid / high divergence), per-group summaries, and
 the ROC AUC of a score separating two sets (a detector of adversarial examples).
 
-scipy's ``spearmanr`` and ``mannwhitneyu`` compute the statistics (well-tested, tie-aware);
-resampling draws from a seeded ``numpy`` generator so a seed fixes every interval.
+scipy's ``spearmanr`` and ``mannwhitneyu`` compute the statistics (well-tested, tie-aware), and
+its ``rankdata`` ranks all bootstrap resamples at once; resampling draws from a seeded ``numpy``
+generator so a seed fixes every interval.
 """
 
 from __future__ import annotations
@@ -35,9 +36,28 @@ def _finite_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return a[keep], b[keep]
 
 
+def _row_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson's correlation of each row of ``a`` with the same row of ``b`` (NaN for a constant row)."""
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    den = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 1e-12 * a.shape[1], (a * b).sum(axis=1) / den, np.nan)
+
+
+def _interval(boots: np.ndarray, level: float) -> tuple[float, float]:
+    boots = boots[np.isfinite(boots)]  # a resample with one distinct value has no rank correlation
+    q = (1 - level) / 2
+    if not len(boots):
+        return float("nan"), float("nan")
+    low, high = np.quantile(boots, [q, 1 - q])
+    return float(low), float(high)
+
+
 def spearman(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> Estimate:
     """Spearman's rank correlation of the finite pairs of ``a`` and ``b`` with a percentile
-    bootstrap interval over ``resamples`` resamples of the pairs (NaN with fewer than 3 pairs)."""
+    bootstrap interval over ``resamples`` resamples of the pairs (NaN with fewer than 3 pairs);
+    the resamples are ranked all at once (tie-aware average ranks, as ``spearmanr``)."""
     a, b = _finite_pairs(a, b)
     n = len(a)
     if n < 3:
@@ -47,11 +67,40 @@ def spearman(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0,
     with warnings.catch_warnings():  # a constant sample has no rank correlation: NaN, handled below
         warnings.simplefilter("ignore", sps.ConstantInputWarning)
         value = float(sps.spearmanr(a, b).statistic)
-        boots = np.array([sps.spearmanr(a[i], b[i]).statistic for i in idx], dtype=float)
-    boots = boots[np.isfinite(boots)]  # a resample with one distinct value has no rank correlation
-    q = (1 - level) / 2
-    low, high = (np.quantile(boots, [q, 1 - q]) if len(boots) else (float("nan"), float("nan")))
-    return Estimate(value, float(low), float(high), n, level)
+    boots = _row_pearson(sps.rankdata(a[idx], axis=1), sps.rankdata(b[idx], axis=1))
+    return Estimate(value, *_interval(boots, level), n, level)
+
+
+def partial_spearman(a: np.ndarray, b: np.ndarray, control: np.ndarray, resamples: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> Estimate:
+    """Spearman's correlation of ``a`` and ``b`` with ``control`` partialled out: the Pearson
+    correlation of their ranks' residuals after a least-squares line on ``control``'s ranks (does
+    ``a`` tell anything about ``b`` beyond what ``control`` does?), over the rows where all three
+    are finite, with a percentile bootstrap interval (NaN with fewer than 4 rows)."""
+    a, b, c = (np.asarray(v, dtype=float) for v in (a, b, control))
+    keep = np.isfinite(a) & np.isfinite(b) & np.isfinite(c)
+    a, b, c = a[keep], b[keep], c[keep]
+    n = len(a)
+    if n < 4:
+        return Estimate(float("nan"), float("nan"), float("nan"), n, level)
+
+    def rho(idx: np.ndarray) -> np.ndarray:  # (R, n) resamples -> (R,)
+        ra, rb, rc = (sps.rankdata(v[idx], axis=1) for v in (a, b, c))
+        rc = rc - rc.mean(axis=1, keepdims=True)
+        var = (rc * rc).sum(axis=1, keepdims=True)
+
+        def residual(r: np.ndarray) -> np.ndarray:
+            r = r - r.mean(axis=1, keepdims=True)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                slope = np.where(var > 0, (r * rc).sum(axis=1, keepdims=True) / var, 0.0)
+            return r - slope * rc
+
+        return _row_pearson(residual(ra), residual(rb))
+
+    rng = np.random.default_rng(seed)
+    value = float(rho(np.arange(n)[None, :])[0])
+    boots = rho(rng.integers(0, n, size=(resamples, n)))
+    return Estimate(value, *_interval(boots, level), n, level)
 
 
 def quantile_groups(values: np.ndarray, groups: int = 3) -> np.ndarray:
@@ -87,18 +136,16 @@ def group_median(values: np.ndarray, groups: np.ndarray, resamples: int = 2000, 
 def roc_auc(positive: np.ndarray, negative: np.ndarray, resamples: int = 2000, seed: int = 0,
             level: float = 0.95) -> Estimate:
     """The area under the ROC curve of a score that should be larger on ``positive`` (ties count
-    one half: the Mann-Whitney U over n_pos n_neg), with a stratified bootstrap interval."""
+    one half: the Mann-Whitney U over n_pos n_neg), with a stratified bootstrap interval (the
+    resamples ranked all at once)."""
     pos, neg = np.asarray(positive, dtype=float), np.asarray(negative, dtype=float)
     pos, neg = pos[np.isfinite(pos)], neg[np.isfinite(neg)]
     if len(pos) == 0 or len(neg) == 0:
         return Estimate(float("nan"), float("nan"), float("nan"), len(pos) + len(neg), level)
-
-    def auc(p: np.ndarray, n: np.ndarray) -> float:
-        return float(sps.mannwhitneyu(p, n, alternative="two-sided").statistic) / (len(p) * len(n))
-
+    value = float(sps.mannwhitneyu(pos, neg, alternative="two-sided").statistic) / (len(pos) * len(neg))
     rng = np.random.default_rng(seed)
-    boots = [auc(pos[rng.integers(0, len(pos), len(pos))], neg[rng.integers(0, len(neg), len(neg))])
-             for _ in range(resamples)]
-    q = (1 - level) / 2
-    low, high = np.quantile(boots, [q, 1 - q])
-    return Estimate(auc(pos, neg), float(low), float(high), len(pos) + len(neg), level)
+    p = pos[rng.integers(0, len(pos), size=(resamples, len(pos)))]
+    q = neg[rng.integers(0, len(neg), size=(resamples, len(neg)))]
+    ranks = sps.rankdata(np.concatenate([p, q], axis=1), axis=1)[:, : len(pos)]
+    boots = (ranks.sum(axis=1) - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
+    return Estimate(value, *_interval(boots, level), len(pos) + len(neg), level)

@@ -14,7 +14,8 @@ from advbench.eval.tables import WORST_CASE
 from advbench.files import atomic_write
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A matplotlib figure on the Agg canvas (no pyplot global state, no display), laid out constrained."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -23,7 +24,8 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
+    """The figure as a PNG at ``path``, written atomically, without a timestamped software tag."""
     atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png", metadata={"Software": None}))
 
 
@@ -34,7 +36,7 @@ def heatmap(matrix: pd.DataFrame, path: Path, title: str = "robust accuracy (%)"
     data = values.to_numpy(dtype=float)
     rows = [" / ".join(map(str, r)) if isinstance(r, tuple) else str(r) for r in values.index]
     label = max((len(r) for r in rows), default=0)  # room for the row labels, at ~0.07 in a character
-    fig = _figure(2.5 + 0.9 * data.shape[1] + 0.07 * label, 1.6 + 0.4 * data.shape[0])
+    fig = new_figure(2.5 + 0.9 * data.shape[1] + 0.07 * label, 1.6 + 0.4 * data.shape[0])
     ax = fig.subplots()
     from matplotlib import colormaps
 
@@ -47,7 +49,7 @@ def heatmap(matrix: pd.DataFrame, path: Path, title: str = "robust accuracy (%)"
     ax.set_yticks(range(data.shape[0]), rows, fontsize=8)
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, shrink=0.8)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def _panel_title(model: str, defense: str, targeting: str, knowledge: str) -> str:
@@ -65,7 +67,7 @@ def curves(table: pd.DataFrame, folder: Path) -> list[Path]:
         panels = list(sub.groupby(["model", "defense", "targeting", "knowledge"], sort=False))
         cols = min(3, len(panels))
         nrows = math.ceil(len(panels) / cols)
-        fig = _figure(4.2 * cols, 3.2 * nrows)
+        fig = new_figure(4.2 * cols, 3.2 * nrows)
         axes = np.atleast_1d(fig.subplots(nrows, cols, squeeze=False)).ravel()
         for ax, (key, rows) in zip(axes, panels):
             for attack, pts in rows.groupby("attack", sort=False):
@@ -83,6 +85,6 @@ def curves(table: pd.DataFrame, folder: Path) -> list[Path]:
         for ax in axes[len(panels):]:
             ax.axis("off")
         path = folder / f"curves-{re.sub(r'[^A-Za-z0-9_.-]', '_', str(norm))}.png"
-        _save(fig, path)
+        save_png(fig, path)
         written.append(path)
     return written
