@@ -203,3 +203,16 @@ def test_partial_spearman_removes_what_the_control_explains():
     assert abs(part.value) < 0.15 and part.low <= part.value <= part.high
     e = rng.normal(size=400)
     assert partial_spearman(c + e, c + e + 0.3 * rng.normal(size=400), c, 200).value > 0.7  # related beyond c
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_the_run_on_cuda_matches_the_cpu_run(small_run, tmp_path):
+    tmp, out = small_run
+    raw = __import__("yaml").safe_load(SMALL)
+    run_curvature(parse_curvature_config({**raw, "device": "cuda"}), tmp_path / "gpu")
+    cpu, gpu = pd.read_csv(out / "images.csv"), pd.read_csv(tmp_path / "gpu" / "images.csv")
+    assert cpu.data_index.tolist() == gpu.data_index.tolist()
+    for col in ("trace", "top_eigenvalue", "clean_margin", "min_distance_l2"):
+        assert np.allclose(cpu[col], gpu[col], rtol=1e-3, atol=1e-9), col
+    assert (cpu["steps_1"] == gpu["steps_1"]).mean() > 0.9  # float32 sign steps may flip a pixel's rounding

@@ -28,6 +28,7 @@ correlation (with its interval) of every curvature measure with every outcome;
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,7 +53,7 @@ from advbench.analysis.perturbability import boundary_point, ifgsm_trace, transf
 from advbench.analysis.spectra import histograms, js, kl
 from advbench.analysis.stats import group_median, partial_spearman, quantile_groups, roc_auc, spearman
 from advbench.registry import ATTACKS
-from advbench.tensors import randn_like
+from advbench.tensors import frozen, randn_like
 from advbench.threat import ThreatModel
 
 ALPHAS = (0.1, 0.5, 1.0, 10.0)  # the seed's step sizes, in 8-bit pixel units
@@ -226,6 +227,7 @@ def batch_rows(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, second: nn
     h = spec["hessian"]
     out.update(spectrum_stats(spec, generator))
     out.update(confidence_columns(h.logits, y))
+    out["first_order_distance"] = first_order_distance(model, x, y).cpu().numpy()
     g = h.gradient.double()
     out["grad_norm"] = g.norm(dim=1).cpu().numpy()
     out["k_gradient"] = curvature(h, g).cpu().numpy()
@@ -245,6 +247,20 @@ def confidence_columns(logits: torch.Tensor, y: torch.Tensor) -> dict[str, np.nd
     p = torch.softmax(z, dim=1).gather(1, y[:, None]).squeeze(1)
     other = z.scatter(1, y[:, None], float("-inf")).amax(dim=1)
     return {"clean_confidence": p.cpu().numpy(), "clean_margin": (z.gather(1, y[:, None]).squeeze(1) - other).cpu().numpy()}
+
+
+def first_order_distance(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The linear estimate of the L2 distance to the decision boundary, ``margin / |grad margin|``
+    against the largest other logit (DeepFool's first step): the first-order information a
+    curvature measure must add to (N,)."""
+    xg = x.detach().double().clone().requires_grad_(True)
+    m64 = copy.deepcopy(model).double()
+    with frozen(m64), torch.enable_grad():
+        z = m64(xg)
+        t = z.detach().scatter(1, y[:, None], float("-inf")).argmax(dim=1)
+        margin = z.gather(1, y[:, None]).squeeze(1) - z.gather(1, t[:, None]).squeeze(1)
+        (g,) = torch.autograd.grad(margin.sum(), xg)
+    return margin.detach() / g.flatten(1).norm(dim=1).clamp_min(1e-300)
 
 
 def _perturbability(model: nn.Module, x: torch.Tensor, y: torch.Tensor, h: Any, second: nn.Module | None,
@@ -317,12 +333,16 @@ def outcomes(alphas: tuple[float, ...] = ALPHAS) -> list[str]:
     return cols
 
 
+CONTROLS = ("clean_margin", "first_order_distance")  # what curvature must predict beyond
+
+
 def summary(table: pd.DataFrame, by: str = "kl", groups: int = 3, resamples: int = 1000,
-            seed: int = 0, control: str | None = "clean_margin") -> dict[str, Any]:
+            seed: int = 0, controls: Sequence[str] = CONTROLS) -> dict[str, Any]:
     """Per quantile group of ``by`` (0 = lowest): each outcome's median with its bootstrap
     interval; over all rows: Spearman of every curvature measure with every outcome (an image
     never misclassified within the run has steps NaN and drops out of that pair), and the same
-    with ``control`` (the clean logit margin) partialled out."""
+    with ``controls`` partialled out (the clean logit margin and the first-order distance
+    estimate: a curvature measure is only informative where it says more than these)."""
     steps_cols = [c for c in table if c.startswith("steps_")]
     t = table.copy()
     for c in steps_cols:  # -1: not misclassified within the run
@@ -334,13 +354,15 @@ def summary(table: pd.DataFrame, by: str = "kl", groups: int = 3, resamples: int
     correlations = {m: {o: spearman(t[m].to_numpy(), t[o].to_numpy(), resamples, seed).to_dict() for o in present}
                     for m in CURVATURE_MEASURES if m in t}
     out = {"by": by, "groups": groups, "group_of_row": g.tolist(), "per_group": per_group, "spearman": correlations}
-    if control is not None and control in t:
-        c = t[control].to_numpy()
-        out["control"] = control
+    controls = [c for c in controls if c in t]
+    if controls:
+        c = t[controls].to_numpy()
+        out["controls"] = controls
         out["partial_spearman"] = {
             m: {o: partial_spearman(t[m].to_numpy(), t[o].to_numpy(), c, resamples, seed).to_dict() for o in present}
             for m in CURVATURE_MEASURES if m in t}
-        out["control_spearman"] = {o: spearman(c, t[o].to_numpy(), resamples, seed).to_dict() for o in present}
+        out["control_spearman"] = {k: {o: spearman(t[k].to_numpy(), t[o].to_numpy(), resamples, seed).to_dict()
+                                       for o in present} for k in controls}
     return out
 
 

@@ -74,26 +74,26 @@ def spearman(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0,
 def partial_spearman(a: np.ndarray, b: np.ndarray, control: np.ndarray, resamples: int = 2000, seed: int = 0,
                      level: float = 0.95) -> Estimate:
     """Spearman's correlation of ``a`` and ``b`` with ``control`` partialled out: the Pearson
-    correlation of their ranks' residuals after a least-squares line on ``control``'s ranks (does
-    ``a`` tell anything about ``b`` beyond what ``control`` does?), over the rows where all three
-    are finite, with a percentile bootstrap interval (NaN with fewer than 4 rows)."""
-    a, b, c = (np.asarray(v, dtype=float) for v in (a, b, control))
-    keep = np.isfinite(a) & np.isfinite(b) & np.isfinite(c)
+    correlation of their ranks' residuals after a least-squares fit on the ranks of ``control``
+    ((N,) or (N, k) for several controls) (does ``a`` tell anything about ``b`` beyond what the
+    controls do?), over the rows where everything is finite, with a percentile bootstrap interval
+    (NaN with fewer than k + 3 rows)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    c = np.asarray(control, dtype=float).reshape(len(a), -1)
+    keep = np.isfinite(a) & np.isfinite(b) & np.isfinite(c).all(axis=1)
     a, b, c = a[keep], b[keep], c[keep]
-    n = len(a)
-    if n < 4:
+    n, k = c.shape
+    if n < k + 3:
         return Estimate(float("nan"), float("nan"), float("nan"), n, level)
 
     def rho(idx: np.ndarray) -> np.ndarray:  # (R, n) resamples -> (R,)
-        ra, rb, rc = (sps.rankdata(v[idx], axis=1) for v in (a, b, c))
-        rc = rc - rc.mean(axis=1, keepdims=True)
-        var = (rc * rc).sum(axis=1, keepdims=True)
+        ra, rb = (sps.rankdata(v[idx], axis=1) for v in (a, b))
+        design = np.concatenate([np.ones((*idx.shape, 1)), sps.rankdata(c[idx], axis=1)], axis=2)  # (R, n, k + 1)
+        gram = design.transpose(0, 2, 1) @ design + 1e-9 * np.eye(k + 1)  # ridge: a constant resample stays solvable
 
         def residual(r: np.ndarray) -> np.ndarray:
-            r = r - r.mean(axis=1, keepdims=True)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                slope = np.where(var > 0, (r * rc).sum(axis=1, keepdims=True) / var, 0.0)
-            return r - slope * rc
+            coef = np.linalg.solve(gram, design.transpose(0, 2, 1) @ r[:, :, None])
+            return r - (design @ coef)[:, :, 0]
 
         return _row_pearson(residual(ra), residual(rb))
 

@@ -22,7 +22,7 @@ import pandas as pd
 from advbench.files import atomic_write
 
 #: bumped whenever what a part holds changes, so parts written by older code are recomputed
-PART_FORMAT = 1
+PART_FORMAT = 3
 
 #: the kinds of content a part holds: a table (its columns) or spectra (their arrays)
 TABLES = ("rows", "adversarial", "trajectory")

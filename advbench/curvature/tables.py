@@ -268,10 +268,12 @@ def markdown(config: CurvatureConfig, provenance: dict[str, Any], s: dict[str, A
                  for r in sub[sub.outcome == o].itertuples()]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if "partial_spearman" in s:
-        ctl = s["control"]
-        lines += ["", f"## The same with the clean `{ctl}` partialled out [95% interval]", "",
-                  f"Does curvature tell anything beyond the clean confidence? `{ctl}` alone: " + "; ".join(
-                      f"{o} {_ci(s['control_spearman'][o])}" for o in key_outcomes) + ".", "",
+        ctl = " and ".join(f"`{c}`" for c in s["controls"])
+        lines += ["", f"## The same with {ctl} partialled out [95% interval]", "",
+                  "Does curvature tell anything beyond the clean confidence and the first-order (linear) distance "
+                  "estimate? Their own rho: " + "; ".join(
+                      f"`{c}` with {o} {_ci(s['control_spearman'][c][o])}" for c in s["controls"] for o in key_outcomes)
+                  + ".", "",
                   "| measure | " + " | ".join(key_outcomes) + " |", "| --- |" + " ---: |" * len(key_outcomes)]
         for m, per in s["partial_spearman"].items():
             lines.append(f"| {m} | " + " | ".join(_ci(per[o]) for o in key_outcomes) + " |")
