@@ -143,6 +143,34 @@ def section(name: str, run: Path, linear: Path, seconds: float) -> tuple[list[st
     return lines, {"model": model, "verdicts": verdicts, "summary": res}
 
 
+def findings(found: dict) -> list[str]:
+    """The answers, generated from the numbers (so a rerun that changes them changes the text)."""
+    out = ["## Answers", "",
+           "| model | low vs high KL: steps at alpha 1 | rho(KL, min distance) | partial rho given margin and "
+           "first-order distance | largest partial rho (min distance) | detector: most separating measure, AUC | confidence baseline AUC |",
+           "| --- | --- | ---: | ---: | --- | ---: | ---: |"]
+    for name, f in found.items():
+        s = f["summary"]
+        rho, part = s["spearman"]["kl"]["min_distance_l2"], s["partial_spearman"]["kl"]["min_distance_l2"]
+        best = max(s["partial_spearman"],
+                   key=lambda m: abs(s["partial_spearman"][m]["min_distance_l2"]["value"])
+                   if math.isfinite(s["partial_spearman"][m]["min_distance_l2"]["value"]) else -1)
+        bp = s["partial_spearman"][best]["min_distance_l2"]
+        auc = {m: e for m, e in s["detector"]["auc"].items() if m != "uncertainty" and math.isfinite(e["value"])}
+        top = max(auc, key=lambda m: abs(auc[m]["value"] - 0.5))
+        base = s["detector"]["auc"]["uncertainty"]
+        out.append(f"| {f['model']} | {f['verdicts'].get('steps_1', 'n/a')} | {_ci(**_est(rho))} | {_ci(**_est(part))} | "
+                   f"{best} {_ci(**_est(bp))} | {top} {_ci(**_est(auc[top]))} | {_ci(**_est(base))} |")
+    out += ["", "Reading: a partial rho whose interval holds 0 says the measure tells nothing about the minimal distance "
+            "beyond the clean logit margin and the first-order estimate margin / |grad margin|; a detector AUC below "
+            "0.5 means the measure is larger on clean images than on the attack's (its direction is then a property "
+            "of the attack: a high-confidence PGD example sits where the loss is flat). The reference models are "
+            "ReLU networks: their decision boundary is piecewise flat (boundary curvature 0) and their loss Hessian "
+            "is J^T (diag p - p p^T) J, so every curvature measure here is a function of the softmax probabilities "
+            "and the logits' Jacobian.", ""]
+    return out
+
+
 def _est(e: dict) -> dict:
     return {"v": e["value"], "lo": e["low"], "hi": e["high"]}
 
@@ -183,7 +211,7 @@ def main() -> int:
             f"Environment: torch {torch.__version__}, 1 thread, CPU ({platform.machine()}), Python "
             f"{platform.python_version()}; the reference models are piecewise-linear ReLU networks, so every spectrum is "
             "exact (the Gauss-Newton path, checked per batch against the double backward).", ""]
-    publish("\n".join(head + body), args.out)
+    publish("\n".join(head + findings(found) + body), args.out)
     return 0
 
 
