@@ -56,7 +56,8 @@ class TwoClassLinear(nn.Module):
 def test_registered_and_keyword_only():
     assert "lst" in TRAVERSALS.list()
     lst = TRAVERSALS.create("lst")
-    assert lst.params()["step_size"] == 1e-2 and lst.iterations == 400 and lst.delta == 0.2 and lst.adv_step == 2e-3
+    assert lst.params()["step_size"] == 2e-2 and lst.iterations == 400 and lst.delta == 0.2 and lst.adv_step == 0.0
+    assert lst.restore == 1.0 and lst.restore_drop == 0.5
     with pytest.raises(TypeError):
         LevelSetTraversal(0.1)  # type: ignore[misc]
 
@@ -69,6 +70,10 @@ def test_registered_and_keyword_only():
         ({"iterations": 2.5}, "iterations: Input should be a valid integer"),
         ({"delta": 1.5}, "delta: Input should be less than or equal to 1"),
         ({"adv_step": -1e-3}, "adv_step: Input should be greater than or equal to 0"),
+        ({"restore": 1.5}, "restore: Input should be less than or equal to 1"),
+        ({"restore": "1"}, "restore: Input should be a valid number"),
+        ({"restore_drop": 1.0}, "restore_drop: Input should be less than 1"),
+        ({"restore_drop": -0.1}, "restore_drop: Input should be greater than or equal to 0"),
         ({"bounds": (1.0, 0.0)}, "bounds: must have low < high"),
         ({"path_every": 0}, "path_every: Input should be greater than or equal to 1"),
         ({"stepsize": 0.1}, "unknown parameter(s) stepsize"),
@@ -114,7 +119,7 @@ def test_step_is_orthogonal_to_the_gradient_on_a_linear_model():
     c = (g * dx).sum(1, keepdim=True) / (g * g).sum(1, keepdim=True)
     expected = x.flatten(1) + 0.05 * (dx - c * g)
 
-    r = LevelSetTraversal(step_size=0.05, iterations=1, delta=1.0, adv_step=0.0)(model, x, t, y)
+    r = LevelSetTraversal(step_size=0.05, iterations=1, delta=1.0, adv_step=0.0, restore=0.0)(model, x, t, y)
     assert torch.allclose(r.x_lst.flatten(1), expected, atol=1e-12)
     step = r.x_lst.flatten(1) - x.flatten(1)
     cos = (step * g).sum(1) / (step.norm(dim=1) * g.norm(dim=1))
@@ -140,8 +145,9 @@ def test_orthogonal_part_of_a_zero_gradient_is_the_vector():
 
 def test_frozen_pairs_stay_frozen(digits_test, digits_cnn):
     source, target, y = _pairs(digits_test, digits_cnn, 10, seed=1)
-    r = LevelSetTraversal(iterations=120, delta=0.01, adv_step=0.0, path_every=1)(digits_cnn, source, target, y)
-    assert bool(r.stopped.any()), "delta=0.01 without the correction should stop some pairs"
+    lst = LevelSetTraversal(iterations=120, delta=0.01, adv_step=0.0, restore=0.0, path_every=1)
+    r = lst(digits_cnn, source, target, y)
+    assert bool(r.stopped.any()), "delta=0.01 without any correction should stop some pairs"
     for i in r.stopped.nonzero().squeeze(1).tolist():
         k = int(r.iterations[i])
         assert k < 120

@@ -28,7 +28,10 @@ device: auto
 data: {name: digits, split: test}    # UCI 8x8 digits, ships with scikit-learn
 model: digits-cnn                     # reference model, trained on first use and cached
 sources: 16                           # each source is traversed toward two targets: 32 pairs, 16 triangles
-lst: {step_size: 0.01, iterations: 400, delta: 0.2, adv_step: 0.002}   # the reference defaults
+lst: {step_size: 0.02, iterations: 400, delta: 0.2, adv_step: 0.0, restore: 1.0, restore_drop: 0.5}
+# LST's defaults: level-set steps plus a Newton correction that restores confidence lost below
+# p_src - restore_drop * delta. The reference code's setting: {step_size: 0.01, adv_step: 0.002, restore: 0}
+# (its fixed correction keeps outputs far from the target; benchmarks/results/lst.md).
 grid: 20                              # triangle grid resolution: 231 points per triangle
 deltas: [0.0, 0.1, 0.2, 0.3]
 examples: 4                           # pairs drawn in blindspots.png
