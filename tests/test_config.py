@@ -114,6 +114,11 @@ def test_every_shipped_config_is_valid(path):
         from advbench.blindspots.config import load_blindspot_config
 
         assert load_blindspot_config(path).sources > 0
+    elif path.name.startswith("curvature-"):
+        from advbench.curvature import load_curvature_config
+
+        config = load_curvature_config(path)
+        assert config.detector is not None and config.data.n
     elif path.name.startswith("train-"):
         from advbench.training import load_train_config
 
