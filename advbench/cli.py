@@ -6,7 +6,8 @@
     advbench blindspots [CONFIG.yaml] [--out DIR]   # Level Set Traversal blind-spot analysis
     advbench curvature [CONFIG.yaml] [--out DIR]    # input-space curvature and what it predicts
     advbench train CONFIG.yaml [--out NAME] [--device D] [--quiet]   # train a (defended) model
-    advbench leaderboard build|check|update [--dir leaderboard] [--tolerance T]   # regression gate
+    advbench leaderboard build|check|update [--dir leaderboard] [--tolerance T]   # site, regression gate
+    advbench leaderboard add RUN_DIR [--dir leaderboard]   # rank a finished run of a suite (your own models)
     advbench report RUN_DIR [--out DIR]   # tables, report.md and plots rebuilt from a run's store
 
 Bad input of any kind prints one ``error: ...`` line and exits with code 2; no traceback.
@@ -102,9 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", action="store_true", help="no progress bar and no card summary on stdout")
 
     lb = sub.add_parser("leaderboard", help="render the leaderboard, or rerun its suite as a regression gate")
-    lb.add_argument("action", choices=["build", "check", "update"],
-                    help="build: render README.md and index.html from the entries; check: rerun the suite and "
-                    "exit 1 when a number moves beyond the tolerance; update: rerun the suite and rewrite the entries")
+    lb.add_argument("action", choices=["build", "check", "update", "add"],
+                    help="build: render the site (index.html, rankings/, models/), README.md and the RobustBench "
+                    "export from the entries; check: rerun the suites and exit 1 when a number moves beyond the "
+                    "tolerance; update: rerun the suites and rewrite their entries; add RUN_DIR: turn a finished "
+                    "run of a suite (with your own models) into entries")
+    lb.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="add only: a folder written by 'advbench evaluate'")
     lb.add_argument("--dir", default="leaderboard", help="leaderboard folder with suite.yaml and entries/ (default: leaderboard)")
     lb.add_argument("--tolerance", type=float, default=None,
                     help="check only: largest allowed absolute change of an accuracy (default: 0.01)")
@@ -213,9 +217,17 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     if args.tolerance is not None and args.action != "check":
         raise ConfigError("--tolerance applies to 'leaderboard check' only")
     tolerance = lb.DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance
+    if (args.run_dir is not None) != (args.action == "add"):
+        raise ConfigError("'leaderboard add' takes a RUN_DIR, and only 'add' does")
+    if args.action == "add":
+        paths = lb.add_run(args.dir, args.run_dir)
+        print(f"{len(paths)} entries -> {Path(args.dir) / 'entries'}; run 'advbench leaderboard build' to rank them")
+        return 0
     if args.action == "build":
         paths = lb.build(args.dir)
-        print(f"{len(lb.load_entries(args.dir))} entries -> {', '.join(map(str, paths))}")
+        rankings = lb.rankings(lb.load_entries(args.dir))
+        print(f"{sum(len(r.entries) for r in rankings)} entries in {len(rankings)} rankings -> {len(paths)} files under "
+              f"{args.dir} (open {Path(args.dir) / 'index.html'})")
         return 0
     stored = lb.load_entries(args.dir) if args.action == "check" else {}
     lb.check_tolerance(tolerance)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -162,22 +163,103 @@ def test_validate_entry_rejects_strings_for_numbers():
         lb.validate_entry({k: v for k, v in e.items() if k != "config_hash"})
 
 
-def test_build_renders_every_entry(board, capsys):
+def test_build_renders_one_ranking_per_threat_and_every_page(board, capsys):
     code, out, _ = _run(capsys, "build", "--dir", board)
-    assert code == 0 and "2 entries" in out
-    md, page = (board / "README.md").read_text(), (board / "index.html").read_text()
-    rows = [line for line in md.splitlines() if line.startswith("| ") and "model" not in line]
-    assert len(rows) == 2 and page.count("<tr>") == 3 and "<script" not in page
-    robust = [float(r.split("|")[6]) for r in rows]
-    assert robust == sorted(robust, reverse=True)
-    for e in lb.load_entries(board).values():
-        assert f"{100 * e['robust_accuracy']:.2f}" in md and e["threat_id"] in page
+    assert code == 0 and "2 entries in 2 rankings" in out
+    md = (board / "README.md").read_text()
+    assert md.count("\n## ") == 2  # linf 0.1 and linf 0.2: never one list
+    entries = lb.load_entries(board)
+    for r in lb.rankings(entries):
+        assert len({e["threat_id"] for e in r.entries}) == 1 and len({e["ranking"] for e in r.entries}) == 1
+        page = (board / "rankings" / f"{r.slug}.html").read_text()
+        assert page.count("<tr>") == len(r.entries) + 1 and 'class="sortable"' in page
+    for name in entries:
+        assert (board / "models" / f"{name}.html").is_file()
+    assert "`" not in (board / "index.html").read_text()  # HTML, not Markdown backticks
 
 
-def test_the_committed_pages_match_the_entries():
-    entries = lb.load_entries(REAL)
-    assert (REAL / "README.md").read_text() == lb.render_markdown(entries)
-    assert (REAL / "index.html").read_text() == lb.render_html(entries)
+def _links(page: Path) -> list[str]:
+    return re.findall(r'href="([^"#]+)"', page.read_text())
+
+
+def test_every_link_of_the_site_resolves(board, capsys):
+    _run(capsys, "build", "--dir", board)
+    pages = [board / "index.html", *board.glob("rankings/*.html"), *board.glob("models/*.html")]
+    assert len(pages) >= 5
+    for page in pages:
+        for href in _links(page):
+            assert (page.parent / href).resolve().is_file(), f"{page.name} links to missing {href}"
+
+
+def test_entries_carry_intervals_and_their_per_example_worst_case():
+    for name, e in lb.load_entries(REAL).items():
+        lo, hi = e["intervals"]["robust_accuracy"]
+        assert lo <= e["robust_accuracy"] <= hi and e["intervals"]["level"] == 0.95
+        for a, v in e["attacks"].items():
+            assert e["intervals"]["attacks"][a][0] <= v <= e["intervals"]["attacks"][a][1]
+        robust = e["robust_examples"]
+        assert len(robust) == e["n"] and abs(robust.count("1") / e["n"] - e["robust_accuracy"]) < 1e-12, name
+        assert e["ranking"] == f"{e['dataset']['name']}/{e['dataset']['split']}/{e['threat_id']}"
+
+
+def test_neighbours_are_compared_paired_on_the_same_examples():
+    rs = {r.key: r for r in lb.rankings(lb.load_entries(REAL))}
+    linf = rs["digits/test/linf-0.1"]
+    assert [e["model"] for e in linf.entries] == ["digits-cnn", "digits-mlp"]
+    comp = linf.comparisons[0]
+    assert comp.paired and comp.low > 0 and comp.separated  # 60.3% vs 48.3% on the same 360 digits
+    l2 = rs["digits/test/l2-1"].comparisons[0]
+    assert l2.paired and l2.low <= 0 <= l2.high and not l2.separated  # 0.8% vs 0.6%: within the noise
+    a = {"robust_accuracy": 0.5, "intervals": {"robust_accuracy": [0.4, 0.6]}, "robust_examples": None}
+    b = {"robust_accuracy": 0.3, "intervals": {"robust_accuracy": [0.2, 0.45]}, "robust_examples": None}
+    assert not lb.rankings.__globals__["compare"](a, b).paired
+    assert not lb.rankings.__globals__["compare"](a, b).separated  # 0.4 < 0.45: the intervals overlap
+
+
+def test_the_committed_pages_match_the_entries(tmp_path):
+    copy = Path(shutil.copytree(REAL, tmp_path / "lb"))
+    lb.build(copy)
+    for rel in ["README.md", "index.html", *(str(p.relative_to(REAL)) for p in REAL.glob("rankings/*.html")),
+                *(str(p.relative_to(REAL)) for p in REAL.glob("models/*.html")),
+                *(str(p.relative_to(REAL)) for p in REAL.glob("robustbench/export/*/*/*.json"))]:
+        assert (copy / rel).read_text() == (REAL / rel).read_text(), rel
+    assert sorted(p.name for p in copy.rglob("*.html")) == sorted(p.name for p in REAL.rglob("*.html"))
+
+
+def test_add_ranks_a_users_run_of_a_suite_and_refuses_other_configs(board, tmp_path, capsys):
+    run = tmp_path / "run"
+    (tmp_path / "mine.yaml").write_text(TINY_SUITE.replace("models: [digits-mlp]", "models: [digits-cnn]"))
+    assert main(["evaluate", str(tmp_path / "mine.yaml"), "--out", str(run), "--quiet"]) == 0
+    code, out, err = _run(capsys, "add", str(run), "--dir", board)
+    assert code == 0, err
+    entries = lb.load_entries(board)
+    added = [e for e in entries.values() if e["source"] == "added"]
+    assert {e["model"] for e in added} == {"digits-cnn"} and len(added) == 2
+    ranking = next(r for r in lb.rankings(entries) if r.threat == "linf-0.1")
+    assert {e["model"] for e in ranking.entries} == {"digits-mlp", "digits-cnn"}
+    assert _run(capsys, "check", "--dir", board)[0] == 0  # added entries are not rerun
+    assert _run(capsys, "update", "--dir", board)[0] == 0 and len(lb.load_entries(board)) == 4  # and kept
+    other = tmp_path / "other"
+    (tmp_path / "other.yaml").write_text(TINY_SUITE.replace("steps: 5", "steps: 3"))
+    assert main(["evaluate", str(tmp_path / "other.yaml"), "--out", str(other), "--quiet"]) == 0
+    code, _, err = _run(capsys, "add", str(other), "--dir", board)
+    assert code == 2 and "not a suite's" in err and "attacks" in err and err.count("\n") == 1
+    code, _, err = _run(capsys, "add", "--dir", board)
+    assert code == 2 and "takes a RUN_DIR" in err
+
+
+def test_robustbench_published_numbers_are_shown_beside(board, capsys):
+    folder = board / "robustbench" / "published" / "digits" / "Linf"
+    folder.mkdir(parents=True)
+    (folder / "digits-mlp.json").write_text(json.dumps({"name": "x", "clean_acc": "97.00", "autoattack_acc": "41.50",
+                                                        "eps": "0.1"}))
+    assert _run(capsys, "build", "--dir", board)[0] == 0
+    page = (board / "models" / "digits-mlp__none__linf-0.1.html").read_text()
+    assert "RobustBench's published numbers" in page and "41.50" in page
+    assert "41.50" not in (board / "models" / "digits-mlp__none__linf-0.2.html").read_text()  # another eps
+    (folder / "bad.json").write_text(json.dumps({"clean_acc": "lots"}))
+    code, _, err = _run(capsys, "build", "--dir", board)
+    assert code == 2 and "clean_acc must be a percentage" in err
 
 
 def test_to_robustbench():
@@ -186,7 +268,9 @@ def test_to_robustbench():
              "config": {**e["config"], "attacks": [a for a in e["config"]["attacks"] if a["name"] != "autoattack"]}}
     rb = lb.to_robustbench(plain)
     assert set(rb) == {"link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
-                       "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "footnote"}
+                       "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "external", "footnote",
+                       "unreliable"}
+    assert rb["unreliable"] is False and rb["external"] is None
     assert rb["eps"] == "0.1" and rb["dataset"] == "digits" and rb["number_forward_passes"] == 1
     assert rb["clean_acc"] == f"{100 * e['clean_accuracy']:.2f}" and rb["autoattack_acc"] is None
     assert f"{100 * e['robust_accuracy']:.2f}%" in rb["footnote"] and "not AutoAttack" in rb["footnote"]

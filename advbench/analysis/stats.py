@@ -149,3 +149,31 @@ def roc_auc(positive: np.ndarray, negative: np.ndarray, resamples: int = 2000, s
     ranks = sps.rankdata(np.concatenate([p, q], axis=1), axis=1)[:, : len(pos)]
     boots = (ranks.sum(axis=1) - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
     return Estimate(value, *_interval(boots, level), len(pos) + len(neg), level)
+
+
+def binomial_interval(successes: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The exact (Clopper-Pearson) interval of a proportion ``successes / n`` (scipy's
+    ``binomtest``); a fractional count (a randomized model's mean over draws) is rounded to the
+    nearest whole number of examples. ``(nan, nan)`` for ``n = 0``."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    k = int(min(max(round(successes), 0), n))
+    ci = sps.binomtest(k, n).proportion_ci(confidence_level=level, method="exact")
+    return float(ci.low), float(ci.high)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> Estimate:
+    """The difference of two accuracies measured on the **same** examples (``a``, ``b``: per-example
+    scores in [0, 1], aligned), ``mean(a) - mean(b)``, with a paired percentile bootstrap interval
+    (the examples are resampled together, so what both get right or wrong cancels)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired scores must be two aligned vectors, got shapes {a.shape} and {b.shape}")
+    n = len(a)
+    if n == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0, level)
+    d = a - b
+    rng = np.random.default_rng(seed)
+    boots = d[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
+    return Estimate(float(d.mean()), *_interval(boots, level), n, level)

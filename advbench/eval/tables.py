@@ -38,7 +38,7 @@ rules are the definitions above.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -347,3 +347,36 @@ def format_matrix(matrix: pd.DataFrame) -> str:
     if matrix.empty:
         return "(no results)"
     return matrix.to_string(float_format=lambda v: f"{v:.1f}")
+
+
+def worst_case_examples(examples: pd.DataFrame, scoring: str = "mean",
+                        keep: Callable[[str], bool] | None = None) -> list[dict[str, object]]:
+    """Per (model, defense, perturbation set): each example's robust score under the worst case
+    over its attacks (those ``keep`` accepts, by label; default all), as ``idx`` and ``robust``
+    arrays: 1 / 0 for a deterministic model, the share of draws it holds in (``scoring: mean``)
+    or whether it holds in all (``all``) for a randomized one. Its mean is the worst-case row's
+    robust accuracy; paired comparisons of two models on the same examples use the arrays."""
+    if scoring not in SCORING:
+        raise ValueError(f"scoring must be one of {SCORING}, got {scoring!r}")
+    out: list[dict[str, object]] = []
+    if examples.empty:
+        return out
+    examples = examples.assign(success=examples.success.astype(bool),
+                               worst_key=examples.threat_json.map(_worst_key))
+    for (model, defense, key), group in examples.groupby(["model", "defense", "worst_key"], sort=False):
+        attacks = [a for a in dict.fromkeys(group.attack) if keep is None or keep(a)]
+        if not attacks:
+            continue
+        g = _Group(group[group.attack.isin(attacks)], attacks)
+        broken = np.logical_or.reduce([p[7] for p in g.parts])
+        clean = np.zeros_like(broken)
+        for p in g.parts:
+            clean[p[5]] = p[2]
+        held = clean & ~broken
+        robust = held.all(axis=1) if scoring == "all" else held.mean(axis=1)
+        t = json.loads(key)
+        out.append({"model": model, "defense": defense, "norm": t["norm"],
+                    "eps": float("inf") if t.get("eps") is None else float(t["eps"]), "targeting": t["targeting"],
+                    "idx": g.index.to_numpy(), "robust": robust.astype(float),
+                    "clean": (clean.all(axis=1) if scoring == "all" else clean.mean(axis=1)).astype(float)})
+    return out
