@@ -18,7 +18,8 @@ from advbench.zoo import reference as zoo
 from advbench.models.layers import Normalize
 from advbench.registry import MODELS
 
-ZOO_NAMES = ["digits-mlp", "digits-cnn", "mnist-cnn", "cifar10-cnn"]
+ZOO_NAMES = ["digits-mlp", "digits-cnn", "mnist-cnn", "cifar10-cnn", "digits-cnn-madry", "digits-cnn-fast",
+             "digits-cnn-trades", "digits-cnn-distillation"]
 DIGITS = ["digits-mlp", "digits-cnn"]
 
 

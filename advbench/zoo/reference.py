@@ -88,6 +88,10 @@ class Recipe:
     augmentation: str = "none"  # "none", "shift-2" (random translation by up to 2 px) or "crop-4+hflip"
     seed: int = 0
     train_limit: int | None = None  # train on the first N images only (tests); None: all
+    # the training recipe (advbench.training.recipes: plain, madry, fast, trades, distillation)
+    # and its parameters as (name, value) pairs; part of the hash only when not plain
+    method: str = "plain"
+    method_params: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "adamw", "sgd"):
@@ -100,7 +104,12 @@ class Recipe:
             raise ConfigError(f"recipe needs epochs >= 1, batch_size >= 1 and lr > 0, got {self}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.method == "plain" and not self.method_params:  # the hashes of the plain models stay as they were
+            d.pop("method"), d.pop("method_params")
+        else:
+            d["method_params"] = dict(self.method_params)
+        return d
 
 
 @dataclass(frozen=True)
@@ -164,10 +173,12 @@ class ZooSpec:
     full_data_note: str = ""
     # CPU threads used while training: one keeps the weights independent of the core count
     train_threads: int = 1
+    # the architecture, when the entry's name is not one (a defended variant: digits-cnn-madry)
+    arch: str | None = None
 
     @property
     def architecture(self) -> architectures.Architecture:
-        return architectures.get(self.name)
+        return architectures.get(self.arch or self.name)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -187,6 +198,15 @@ def _add(spec: ZooSpec) -> None:
 
 _add(ZooSpec("digits-mlp", Recipe("digits", "train", "test", epochs=30, batch_size=64, optimizer="adam", lr=3e-3, seed=0)))
 _add(ZooSpec("digits-cnn", Recipe("digits", "train", "test", epochs=15, batch_size=64, optimizer="adam", lr=3e-3, seed=1)))
+# defended variants of digits-cnn, trained by advbench's recipes (configs/train-digits-*.yaml):
+# the leaderboard's defended suite ranks them beside the undefended models
+for _method, _params in (("madry", (("eps", 0.1), ("steps", 10), ("random_start", True))),
+                         ("fast", (("eps", 0.1),)),
+                         ("trades", (("eps", 0.1), ("steps", 10), ("beta", 6.0))),
+                         ("distillation", (("temperature", 100.0),))):
+    _add(ZooSpec(f"digits-cnn-{_method}", Recipe("digits", "train", "test", epochs=15, batch_size=64, optimizer="adam",
+                                                 lr=3e-3, seed=0, method=_method, method_params=_params),
+                 arch="digits-cnn"))
 _add(
     ZooSpec(
         "mnist-cnn",
@@ -277,7 +297,8 @@ def card_path(name: str, root: str | None = None) -> Path:
 def build(name: str, *, seed: int | None = None) -> nn.Module:
     """A freshly initialized (untrained) ``name``, in eval mode; ``seed`` (default: the recipe's)
     fixes the initialization."""
-    return architectures.build(name, seed=get_spec(name).recipe.seed if seed is None else seed)
+    spec = get_spec(name)
+    return architectures.build(spec.arch or name, seed=spec.recipe.seed if seed is None else seed)
 
 
 def load_zoo_model(name: str, pretrained: bool = True, root: str | None = None) -> nn.Module:
@@ -374,7 +395,7 @@ def _read_entry(name: str, recipe: Recipe, pt: Path, *, load_weights: bool) -> t
         if not load_weights:
             return None, card
         state = torch.load(pt, map_location="cpu", weights_only=True)
-        model = architectures.build(name)
+        model = architectures.build(get_spec(name).arch or name)
         model.load_state_dict(state)
     except Exception as exc:  # noqa: BLE001 - any damage to the cache means: train again
         warnings.warn(
@@ -408,9 +429,9 @@ def train_config(name: str, recipe: Recipe) -> TrainConfig:
     """The zoo recipe as a train config: the ``plain`` recipe with its optimizer, schedule and
     augmentation, one thread (the loop is the one ``advbench train`` runs)."""
     return TrainConfig.model_validate({
-        "name": f"zoo-{name}", "architecture": name,
+        "name": f"zoo-{name}", "architecture": get_spec(name).arch or name,
         "data": {"name": recipe.dataset, "split": recipe.train_split}, "eval": {"split": recipe.eval_split},
-        "recipe": "plain", "epochs": recipe.epochs, "batch_size": recipe.batch_size, "optimizer": recipe.optimizer,
+        "recipe": {"name": recipe.method, **dict(recipe.method_params)}, "epochs": recipe.epochs, "batch_size": recipe.batch_size, "optimizer": recipe.optimizer,
         "lr": recipe.lr, "weight_decay": recipe.weight_decay, "schedule": recipe.schedule,
         "augmentation": recipe.augmentation, "seed": recipe.seed, "threads": get_spec(name).train_threads,
     })
@@ -429,7 +450,7 @@ def _train(name: str, recipe: Recipe, note: str, root: str | None) -> tuple[nn.M
     config = train_config(name, recipe)
     with num_threads(spec.train_threads), torch.random.fork_rng(devices=[]), \
             tempfile.TemporaryDirectory(prefix="advbench-zoo-") as tmp:  # leave the caller's RNG untouched
-        loop = run_loop(config, make_recipe("plain", {}), x, y, Path(tmp) / "checkpoint.pt",
+        loop = run_loop(config, make_recipe(recipe.method, dict(recipe.method_params)), x, y, Path(tmp) / "checkpoint.pt",
                         device=torch.device("cpu"), progress=False)
         model = loop.model.eval()
         correct, total = evaluate_accuracy(model, evaluation)
