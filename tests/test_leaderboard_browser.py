@@ -99,3 +99,27 @@ def test_sorting_by_a_column_reorders_the_rows(site, browser):
     model = next(th for th in browser.find_elements("css selector", "thead th") if th.text.startswith("model"))
     model.click()
     assert column("model") == sorted(before)
+
+
+def test_a_run_report_page_loads_and_sorts(browser, tmp_path):
+    from advbench.cli import main
+    from advbench.config import parse_config
+    from advbench.eval.evaluator import evaluate
+
+    run = tmp_path / "run"
+    evaluate(parse_config({"seed": 0, "device": "cpu", "data": {"name": "digits", "split": "test", "n": 20},
+                           "models": ["digits-mlp", "digits-cnn"], "threats": [{"norm": "linf", "eps": [0.05, 0.1]}],
+                           "attacks": ["fgsm"]}), run, progress=False)
+    assert main(["report", str(run)]) == 0
+    browser.get((run / "report" / "report.html").as_uri())
+    assert _errors(browser) == [] and browser.find_element("tag name", "h1").text == "advbench report"
+    images = browser.find_elements("tag name", "img")
+    assert images and all(browser.execute_script("return arguments[0].naturalWidth", im) > 0 for im in images)
+    table = next(t for t in browser.find_elements("css selector", "table.sortable")
+                 if "robust low" in t.text)
+    heads = table.find_elements("css selector", "thead th")
+    i = next(k for k, h in enumerate(heads) if h.text.startswith("model"))
+    heads[i].click()
+    names = [r.find_elements("tag name", "td")[i].text for r in table.find_elements("css selector", "tbody tr")]
+    assert names == sorted(names) and _errors(browser) == []
+    browser.save_screenshot(str(_shots(tmp_path) / "report.png"))

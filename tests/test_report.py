@@ -103,3 +103,27 @@ def test_bad_input_is_one_line_and_exit_2(run_dir, tmp_path, capsys):
         code, out, err = _report(capsys, folder)
         assert code == 2 and out == ""
         assert err.startswith("error: ") and fragment in err and err.count("\n") == 1, err
+
+
+def test_report_has_intervals_an_html_twin_and_no_single_eps_curve(run_dir, tmp_path, capsys):
+    from advbench.analysis.stats import binomial_interval
+
+    code, _, _ = _report(capsys, run_dir, "--out", tmp_path / "rep")
+    rep = tmp_path / "rep"
+    iv = pd.read_csv(rep / "intervals.csv")
+    results = pd.read_csv(run_dir / "results.csv")
+    assert len(iv) == len(results)
+    iv.columns = [c.replace(" ", "_").replace("%", "pct") for c in iv.columns]
+    for r, row in zip(iv.itertuples(), results.itertuples()):
+        lo, hi = binomial_interval(row.robust_accuracy * row.n, int(row.n))
+        assert r.robust_low == pytest.approx(100 * lo) and r.robust_high == pytest.approx(100 * hi)
+        assert r.robust_low <= 100 * row.robust_accuracy <= r.robust_high
+    md, page = (rep / "report.md").read_text(), (rep / "report.html").read_text()
+    assert "## Robust accuracy with 95% intervals" in md
+    assert page.startswith("<!DOCTYPE html>") and "<h2>Robust accuracy with 95% intervals</h2>" in page
+    assert '<table class="sortable">' in page and '<img alt="robust accuracy" src="heatmap.png"' in page
+    single = tmp_path / "single"
+    evaluate(parse_config({**CONFIG, "threats": [{"norm": "linf", "eps": [0.1]}]}), single, progress=False)
+    assert _report(capsys, single, "--out", tmp_path / "rep1")[0] == 0
+    assert not list((tmp_path / "rep1").glob("curves-*.png"))  # one eps: a curve would say nothing
+    assert "No curve drawn" in (tmp_path / "rep1" / "report.md").read_text()

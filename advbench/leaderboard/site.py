@@ -21,43 +21,9 @@ from advbench.leaderboard.entries import entry_name, load_entries, ranking_key, 
 from advbench.leaderboard.gate import DEFAULT_TOLERANCE
 from advbench.leaderboard.rankings import Ranking, rankings
 from advbench.leaderboard.robustbench import export, load_published, published_for, to_robustbench
+from advbench.report.html import page as _page
 
 esc = html.escape
-
-STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:80em;color:#222}
-table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #bbb;padding:.3em .6em;text-align:right}
-th{background:#f0f0f0}th[data-sort]{cursor:pointer}th[data-sort]:after{content:" \\2195";color:#999}
-td.l,th.l{text-align:left}code,pre{background:#f6f6f6}pre{padding:.6em;overflow:auto}
-.flag{color:#a00}.muted{color:#777}nav a{margin-right:1em}td a,td code{white-space:nowrap}"""
-
-SORT_JS = """document.querySelectorAll('table.sortable').forEach(function (table) {
-  table.querySelectorAll('th[data-sort]').forEach(function (th, col) {
-    th.addEventListener('click', function () {
-      var index = Array.prototype.indexOf.call(th.parentNode.children, th);
-      var body = table.tBodies[0], rows = Array.prototype.slice.call(body.rows);
-      var dir = th.getAttribute('data-dir') === 'asc' ? -1 : 1;
-      var numeric = th.getAttribute('data-sort') === 'num';
-      rows.sort(function (a, b) {
-        var x = a.cells[index].getAttribute('data-value'), y = b.cells[index].getAttribute('data-value');
-        if (numeric) { x = parseFloat(x); y = parseFloat(y); x = isNaN(x) ? -Infinity : x; y = isNaN(y) ? -Infinity : y; }
-        return x < y ? -dir : x > y ? dir : 0;
-      });
-      rows.forEach(function (r) { body.appendChild(r); });
-      th.parentNode.querySelectorAll('th').forEach(function (h) { h.removeAttribute('data-dir'); });
-      th.setAttribute('data-dir', dir === 1 ? 'asc' : 'desc');
-    });
-  });
-});"""
-
-
-def _page(title: str, body: str, depth: int = 0, links: str = "") -> str:
-    up = "../" * depth
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head><meta charset=\"utf-8\">"
-            f"<title>{esc(title)}</title>\n<style>{STYLE}</style></head>\n<body>\n"
-            + (f"<nav><a href=\"{up}index.html\">all rankings</a>{links}</nav>\n" if depth else "")
-            + f"<h1>{esc(title)}</h1>\n{body}\n"
-            f"<script>{SORT_JS}</script>\n</body>\n</html>\n")
-
 
 def _p(v: float | None) -> str:
     return "" if v is None else f"{100 * v:.1f}"

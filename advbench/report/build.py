@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from advbench.files import atomic_write_text
-from advbench.report import markdown, plots
+from advbench.report import html, markdown, plots
 from advbench.report.load import Run, load_run
 from advbench.report.matrices import render_matrices
 from advbench.report.rebuild import Tables, rebuild
@@ -50,7 +50,8 @@ def write_tables(folder: Path, run: Run, t: Tables) -> list[Path]:
                          {"config_hash": run.config_hash, "rows": _records(t.results)}, markdown.table(t.results))
     files += _write_table(folder, "matrix", t.matrix, t.matrix.to_csv(), _records(t.matrix, index=True),
                           markdown.matrix_table(t.matrix))
-    for name, df in (("cost", t.cost), ("masking", flags), ("missing", t.missing)):
+    intervals = markdown.intervals_frame(t.results)
+    for name, df in (("cost", t.cost), ("masking", flags), ("missing", t.missing), ("intervals", intervals)):
         files += _write_table(folder, name, df, df.to_csv(index=False), _records(df), markdown.table(df))
     return files
 
@@ -70,7 +71,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
     pngs += plots.curves(tables.results, folder)
     text = markdown.report(config_hash=run.config_hash, seed=run.config.seed, provenance=run.provenance,
                            matrix=tables.matrix, missing=tables.missing, masking=tables.masking, cost=tables.cost,
-                           plots=[p.name for p in pngs])
+                           plots=[p.name for p in pngs], intervals=markdown.intervals_frame(tables.results))
     pngs += _analysis_heatmaps(run.folder, folder)
     # the transfer and destruction matrices the run computed (config section ``analysis``)
     for name, body in render_matrices(run.folder, folder).items():
@@ -78,7 +79,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Report:
         nested = "\n".join("#" + line if line.startswith("#") else line for line in body.splitlines())
         text = text.rstrip("\n") + "\n\n" + nested + "\n"
     atomic_write_text(folder / "report.md", text)
-    return Report(folder, tables, [folder / "report.md", *files, *pngs])
+    atomic_write_text(folder / "report.html", html.from_markdown(text, f"advbench report {run.config_hash}"))
+    return Report(folder, tables, [folder / "report.md", folder / "report.html", *files, *pngs])
 
 
 def _analysis_heatmaps(run_folder: Path, folder: Path) -> list[Path]:

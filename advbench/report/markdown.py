@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 
+from advbench.analysis.stats import binomial_interval
 from advbench.eval.masking import FLAGS, Finding
 
 
@@ -75,9 +76,25 @@ def _missing(missing: pd.DataFrame) -> str:
             "the attacks stored.\n\n" + table(missing))
 
 
+def intervals_frame(results: pd.DataFrame) -> pd.DataFrame:
+    """Per results row: clean and robust accuracy (%) with their exact binomial 95% intervals."""
+    rows = []
+    for r in results.itertuples(index=False):
+        n = int(r.n)
+        clean, robust = binomial_interval(r.clean_accuracy * n, n), binomial_interval(r.robust_accuracy * n, n)
+        rows.append({"model": r.model, "defense": r.defense, "attack": r.attack, "norm": r.norm, "eps": f"{r.eps:g}",
+                     "n": n, "clean %": 100 * r.clean_accuracy, "clean low": 100 * clean[0], "clean high": 100 * clean[1],
+                     "robust %": 100 * r.robust_accuracy, "robust low": 100 * robust[0],
+                     "robust high": 100 * robust[1], "flags": r.flags})
+    return pd.DataFrame(rows, columns=["model", "defense", "attack", "norm", "eps", "n", "clean %", "clean low",
+                                       "clean high", "robust %", "robust low", "robust high", "flags"])
+
+
 def report(*, config_hash: str, seed: int, provenance: dict[str, Any], matrix: pd.DataFrame,
-           missing: pd.DataFrame, masking: dict[str, Any], cost: pd.DataFrame, plots: list[str]) -> str:
+           missing: pd.DataFrame, masking: dict[str, Any], cost: pd.DataFrame, plots: list[str],
+           intervals: pd.DataFrame | None = None) -> str:
     """The text of report.md."""
+    intervals = intervals if intervals is not None else pd.DataFrame()
     heatmaps = [p for p in plots if p.startswith("heatmap")]
     curves = [p for p in plots if p.startswith("curves")]
     parts = [
@@ -90,8 +107,13 @@ def report(*, config_hash: str, seed: int, provenance: dict[str, Any], matrix: p
         matrix_table(matrix),
         *(f"![robust accuracy]({p})\n" for p in heatmaps),
         "## Missing cells\n", _missing(missing),
+        "## Robust accuracy with 95% intervals\n",
+        ("Exact binomial (Clopper-Pearson) intervals over the n examples of each row; a randomized model's "
+         "score (its mean over draws) is rounded to whole examples for the interval.\n"),
+        table(intervals, float_format=lambda v: f"{v:.1f}"),
         "## Robustness curves\n",
-        *([f"![{p}]({p})\n" for p in curves] or ["(no bounded norm to plot)\n"]),
+        *([f"![{p}]({p})\n" for p in curves] or
+          ["No curve drawn: every norm was measured at a single eps (a curve needs two or more).\n"]),
         "## Gradient-masking flags\n",
     ]
     if not masking.get("enabled", True):

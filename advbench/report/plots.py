@@ -58,12 +58,14 @@ def _panel_title(model: str, defense: str, targeting: str, knowledge: str) -> st
 
 
 def curves(table: pd.DataFrame, folder: Path) -> list[Path]:
-    """One PNG per bounded norm, ``curves-NORM.png``: a panel per model / defense (and targeting /
-    knowledge when not the default), a curve per attack of robust accuracy against eps, the worst
-    case bold and black, the clean accuracy dashed."""
+    """One PNG per bounded norm measured at two or more eps, ``curves-NORM.png``: a panel per model /
+    defense (and targeting / knowledge when not the default), a curve per attack of robust accuracy
+    against eps, the worst case bold and black, the clean accuracy dashed."""
     written = []
     bounded = table[np.isfinite(table.eps.to_numpy(dtype=float))]
     for norm, sub in bounded.groupby("norm", sort=False):
+        if sub.eps.nunique() < 2:  # one budget: a curve of single dots says nothing, so none is drawn
+            continue
         panels = list(sub.groupby(["model", "defense", "targeting", "knowledge"], sort=False))
         cols = min(3, len(panels))
         nrows = math.ceil(len(panels) / cols)
