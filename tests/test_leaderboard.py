@@ -327,3 +327,14 @@ def test_a_corrupt_entry_is_bad_input(board, capsys):
     (board / "entries" / "digits-mlp__none__linf-0.1.json").write_text("{not json")
     code, _, err = _run(capsys, "build", "--dir", board)
     assert code == 2 and err.startswith("error:") and "not a readable JSON entry" in err and err.count("\n") == 1
+
+
+def test_a_finding_lands_on_the_entries_it_names():
+    from advbench.leaderboard.entries import _selects
+
+    f = {"code": "single_step", "where": {"model": "m", "defense": "none", "norm": "linf", "eps": [0.1, 0.2],
+                                          "attack": "pgd"}, "seen": "x", "try": "y"}
+    assert _selects(f, "m", "none", "linf", 0.1) and _selects(f, "m", "none", "linf", 0.2)
+    assert not _selects(f, "m", "none", "linf", 0.3) and not _selects(f, "m", "none", "l2", 0.1)
+    assert not _selects(f, "other", "none", "linf", 0.1) and not _selects(f, "m", "jpeg", "linf", 0.1)
+    assert _selects({"code": "probs", "where": {"model": "m", "defense": "none"}}, "m", "none", "l2", 1.0)

@@ -25,7 +25,8 @@ Entry schema, version 3 (numbers are JSON numbers, accuracies are fractions in [
                      ``examples_digest`` (of the indices) it pairs two entries' examples
     naive_robust_accuracy  where the model was also attacked adaptively (BPDA / EoT views):
                      the worst case over the naive attacks only (the adaptive number ranks)
-    flags            the gradient-masking / attack-failure codes raised for this model and defense
+    flags            the gradient-masking / attack-failure codes raised for this model, defense and
+                     threat; ``flag_details`` what each saw and what to try
     source           ``suite`` (measured by a suite: the gate reruns it) or ``added`` (by
                      ``advbench leaderboard add RUN_DIR``: kept, not rerun)
 
@@ -109,6 +110,26 @@ def _key(rec: dict[str, Any]) -> tuple:
     return (str(rec["model"]), str(rec["defense"]), str(rec["norm"]), float(rec["eps"]), str(rec["targeting"]))
 
 
+def _selects(finding: dict[str, Any], model: str, defense: str, norm: str, eps: float) -> bool:
+    """Whether a masking / failure finding concerns this model, defense and threat (a finding's
+    ``where`` names columns and their value or values; a column it does not name is any)."""
+    if finding.get("model", model) != model or finding.get("defense", defense) != defense:
+        return False
+    where = finding.get("where") or {}
+
+    def holds(column: str, value: Any) -> bool:
+        want = where.get(column)
+        if want is None:
+            return True
+        values = want if isinstance(want, list) else [want]
+        try:
+            return any(float(v) == value for v in values) if column == "eps" else value in values
+        except (TypeError, ValueError):
+            return False
+
+    return holds("model", model) and holds("defense", defense) and holds("norm", norm) and holds("eps", eps)
+
+
 def encode_examples(robust: np.ndarray) -> str | list[float]:
     """Per-example scores as a 0/1 string (a list of floats when some are fractional)."""
     if np.all((robust == 0) | (robust == 1)):
@@ -164,7 +185,7 @@ def entries_from_table(table: Any, config: Any, masking: dict[str, Any] | None =
             "versions": versions if versions is not None else package_versions(),
             "date": date or timestamp(),
             "architecture": ((cards or {}).get(str(model)) or {}).get("architecture"),
-            "masking_findings": sum(1 for f in findings if f.get("model") == model and f.get("defense") == defense),
+            "masking_findings": sum(1 for f in findings if _selects(f, str(model), str(defense), str(norm), float(eps))),
             MODEL: (digests or {}).get(str(model)),
         }
         entry["threat_id"] = threat_id(entry["threat"])
@@ -179,8 +200,10 @@ def entries_from_table(table: Any, config: Any, masking: dict[str, Any] | None =
         adaptive = any(is_adaptive(a) for a in attacks)
         entry["naive_robust_accuracy"] = (float(rec["naive"]["robust"].mean()) if adaptive and "naive" in rec
                                           else None)
-        entry["flags"] = sorted({str(f.get("code")) for f in findings
-                                 if f.get("model") == model and f.get("defense") == defense})
+        mine = [f for f in findings if _selects(f, str(model), str(defense), str(norm), float(eps))]
+        entry["flags"] = sorted({str(f.get("code")) for f in mine})
+        entry["flag_details"] = [{"code": str(f.get("code")), "seen": str(f.get("seen", "")),
+                                  "try": str(f.get("try", ""))} for f in mine]
         entry["source"] = source
         out.append(entry)
     return out

@@ -117,8 +117,13 @@ def model_page(e: dict[str, Any], siblings: list[dict[str, Any]], published: dic
              f"<p class=\"muted\">The suites measure this model at one {esc(e['threat']['norm'])} budget only: no "
              "robustness curve is drawn (a curve needs two or more).</p>")
     flags = e.get("flags") or []
-    flag_text = (", ".join(f'<span class="flag">{esc(f)}</span>' for f in flags) + " (see the run's masking.json for "
-                 "what each saw and what to try)") if flags else "none raised"
+    flag_text = ", ".join(f'<span class="flag">{esc(f)}</span>' for f in flags) if flags else "none raised"
+    details = e.get("flag_details") or []
+    flag_table = ("<h2>Flags: what was seen, what to try</h2><table><thead><tr><th class=\"l\">code</th>"
+                  "<th class=\"l\">seen</th><th class=\"l\">try</th></tr></thead><tbody>"
+                  + "".join(f"<tr><td class=\"l flag\">{esc(d['code'])}</td><td class=\"l\">{esc(d['seen'])}</td>"
+                            f"<td class=\"l\">{esc(d['try'])}</td></tr>" for d in details)
+                  + "</tbody></table>\n") if details else ""
     pub = ""
     if published is not None:
         pub = ("<h2>RobustBench's published numbers</h2><p>From <code>" + esc(published["file"]) + "</code>: clean "
@@ -135,7 +140,7 @@ def model_page(e: dict[str, Any], siblings: list[dict[str, Any]], published: dic
            if e.get("naive_robust_accuracy") is not None else "")
         + f"<tr><th class=\"l\">flags</th><td class=\"l\">{flag_text}</td></tr></table>\n"
         f"<h2>Per attack</h2><table><thead><tr><th class=\"l\">attack</th><th>robust %</th><th>95% CI</th></tr></thead>"
-        f"<tbody>{rows}</tbody></table>\n<h2>Robustness curve</h2>{curve}\n{pub}"
+        f"<tbody>{rows}</tbody></table>\n{flag_table}<h2>Robustness curve</h2>{curve}\n{pub}"
         f"<h2>Provenance</h2><pre>{esc(json.dumps(prov, indent=1))}</pre>\n"
         f"<details><summary>the suite config</summary><pre>{esc(json.dumps(e.get('config'), indent=1))}</pre></details>\n"
         f"<h2>RobustBench model-info form</h2><pre>{esc(json.dumps(to_robustbench(e), indent=1))}</pre>"
