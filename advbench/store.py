@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     probe INTEGER,
     suite TEXT,
     suite_cascade INTEGER,
+    measured_json TEXT,
     PRIMARY KEY (config_hash, job_key)
 );
 CREATE TABLE IF NOT EXISTS examples (
@@ -94,6 +95,11 @@ CREATE TABLE IF NOT EXISTS plans (
 IDENTITY_COLUMNS = {"attack_name": "TEXT", "attack_kind": "TEXT", "view": "TEXT", "minimal": "INTEGER",
                     "probe": "INTEGER", "suite": "TEXT", "suite_cascade": "INTEGER"}
 
+#: what a job measured beyond its per-example rows, as JSON (NULL: nothing): the evaluation-failure
+#: indicators of :mod:`advbench.eval.indicators` (an iterative attack's path, its rerun with a doubled
+#: budget on a few examples; a masking probe's class count and prediction stability)
+MEASURED_COLUMN = "measured_json"
+
 #: a randomized deployed model is scored over several draws of its randomness: per example, the
 #: clean and the adversarial prediction in each draw, comma-separated (NULL for deterministic models)
 DRAW_COLUMNS = ("pred_clean_draws", "pred_adv_draws")
@@ -126,6 +132,7 @@ class JobRecord:
     probe: bool = False
     suite: str | None = None
     suite_cascade: bool = False
+    measured: dict[str, Any] | None = None  # MEASURED_COLUMN
 
 
 class ResultStore:
@@ -164,6 +171,8 @@ class ResultStore:
         for col, kind in IDENTITY_COLUMNS.items():  # added with attack identity in the store
             if col not in jobs:
                 self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {col} {kind}")
+        if MEASURED_COLUMN not in jobs:  # added with the evaluation-failure indicators
+            self._conn.execute(f"ALTER TABLE jobs ADD COLUMN {MEASURED_COLUMN} TEXT")
 
     def close(self) -> None:
         self._conn.close()
@@ -212,6 +221,12 @@ class ResultStore:
         rows = self._conn.execute("SELECT job_key FROM jobs WHERE config_hash = ?", (config_hash,))
         return {r[0] for r in rows}
 
+    def measured_keys(self, config_hash: str) -> set[str]:
+        """The keys of the finished jobs that carry measurements (``measured_json``)."""
+        rows = self._conn.execute(
+            f"SELECT job_key FROM jobs WHERE config_hash = ? AND {MEASURED_COLUMN} IS NOT NULL", (config_hash,))
+        return {r[0] for r in rows}
+
     def has_adversarial(self, config_hash: str, job_key: str) -> bool:
         row = self._conn.execute(
             "SELECT 1 FROM adversarial WHERE config_hash = ? AND job_key = ?", (config_hash, job_key)
@@ -229,8 +244,8 @@ class ResultStore:
             cur.execute(
                 "INSERT INTO jobs(config_hash, job_key, model, defense, threat_json, attack, attack_params_json, shard, "
                 "n, n_attacked, seconds, n_forward, n_backward, n_queries, violations, quantization_failures, seed, "
-                "finished, attack_name, attack_kind, view, minimal, probe, suite, suite_cascade) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "finished, attack_name, attack_kind, view, minimal, probe, suite, suite_cascade, measured_json) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     config_hash, rec.job_key, rec.model, rec.defense, json.dumps(rec.threat, sort_keys=True),
                     rec.attack, json.dumps(rec.attack_params, sort_keys=True, default=str), rec.shard,
@@ -238,6 +253,7 @@ class ResultStore:
                     rec.violations, rec.quantization_failures, rec.seed, time.time(),
                     rec.attack_name, rec.attack_kind, rec.view, int(rec.minimal), int(rec.probe),
                     rec.suite, int(rec.suite_cascade),
+                    None if rec.measured is None else json.dumps(rec.measured, sort_keys=True),
                 ),
             )
             cur.executemany(

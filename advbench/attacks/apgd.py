@@ -49,6 +49,7 @@ from torch import nn
 
 from advbench import params
 from advbench.access import Handle
+from advbench.attacks import trace
 from advbench.attacks.base import GradientAttack, white_box
 from advbench.audit import goal_met
 from advbench.errors import ConfigError
@@ -136,7 +137,8 @@ class APGD(GradientAttack):
                 break
             t = None if target_of is None else target_of(idx)
             goal = t if goal_target else None
-            found, point = self.run_once(net, x[idx], y[idx], threat, t, goal, loss, generator)
+            with trace.rows_of(idx):  # a path recorder follows the restart's rows
+                found, point = self.run_once(net, x[idx], y[idx], threat, t, goal, loss, generator)
             if threat.quantize == "8bit":  # as the audit will judge it: the 8-bit image too
                 with torch.no_grad():
                     found &= goal_met(net(threat.quantized(point, x[idx])).argmax(dim=1), y[idx], goal)
@@ -257,6 +259,9 @@ class _Loop:
         l1 = threat.norm is Norm.L1
         base = (1.0 if l1 else 2.0) * eps
         grad, value, logits = self.gradient(start)
+        watch = trace.run(steps + 1)  # a path recorder sees the start and every iterate
+        if watch is not None:
+            watch.see(start, logits, value.mean())
         x_adv, x_prev = start.clone(), start.clone()
         x_best, grad_best, loss_best = start.clone(), grad.clone(), value.clone()
         found = goal_met(logits.argmax(dim=1), self.y, self.goal)
@@ -285,6 +290,8 @@ class _Loop:
                 z = project(x_adv + a * (z - x_adv) + (1 - a) * momentum, x, threat, eps)
             x_adv = z
             grad, value, logits = self.gradient(x_adv)
+            if watch is not None:
+                watch.see(x_adv, logits, value.mean())
             hit = goal_met(logits.argmax(dim=1), self.y, self.goal)
             x_found = torch.where(rows(hit, x), x_adv, x_found)
             found |= hit
@@ -311,6 +318,8 @@ class _Loop:
             grad = torch.where(rows(reduce, x), grad_best, grad)
             raised.zero_()
             since = 0
+        if watch is not None:
+            watch.close()
         return found, torch.where(rows(found, x), x_found, x_best), x_best
 
 

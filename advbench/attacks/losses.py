@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advbench.attacks import trace
 from advbench.errors import ConfigError, ModelOutputError
 
 Objective = Callable[[torch.Tensor], torch.Tensor]
@@ -83,9 +84,14 @@ def least_likely_objective() -> Objective:
 
 
 # ---------------------------------------------------------------------- gradients and steps
-def _grad(model: nn.Module, x_adv: torch.Tensor, objective_fn: Objective) -> torch.Tensor:
-    """grad of the objective w.r.t. the leaf ``x_adv`` (grad mode on): one forward, one backward."""
-    value = objective_fn(model(x_adv))
+def _grad(model: nn.Module, x_adv: torch.Tensor, objective_fn: Objective, watch: trace.Run | None = None
+          ) -> torch.Tensor:
+    """grad of the objective w.r.t. the leaf ``x_adv`` (grad mode on): one forward, one backward.
+    ``watch`` (a path recorder's run) sees the iterate, its logits and the objective's batch mean."""
+    logits = model(x_adv)
+    value = objective_fn(logits)
+    if watch is not None:
+        watch.see(x_adv, logits, value.detach() / x_adv.shape[0])
     if not value.requires_grad:
         raise ModelOutputError(
             "the model's logits do not depend differentiably on its input (a detach, a non-differentiable "
@@ -167,14 +173,18 @@ def ascend_linf(
 
     Each step is one forward, one backward and three in-place elementwise passes over one
     reused buffer; no synchronisation with the host. Returns a new tensor (``x_start`` is
-    left untouched).
+    left untouched). An active path recorder (:mod:`advbench.attacks.trace`) sees every iterate
+    whose gradient is taken.
     """
+    watch = trace.run(steps)
     with torch.enable_grad():
         x_adv = x_start.detach().clone().requires_grad_(True)
         for _ in range(steps):
-            grad = _grad(model, x_adv, objective_fn)
+            grad = _grad(model, x_adv, objective_fn, watch)
             with torch.no_grad():
                 x_adv.add_(sign_(grad), alpha=step_size).clamp_(lower, upper)
+    if watch is not None:
+        watch.close()
     return x_adv.detach()
 
 
@@ -189,11 +199,15 @@ def ascend_l2(
     objective_fn: Objective,
 ) -> torch.Tensor:
     """``steps`` iterations of x <- Proj(x + step_size * grad / ||grad||_2), per example, Proj
-    onto the l2 eps-ball around ``x`` and then the bounds. In place on one buffer, no sync."""
+    onto the l2 eps-ball around ``x`` and then the bounds. In place on one buffer, no sync; an
+    active path recorder sees every iterate whose gradient is taken."""
+    watch = trace.run(steps)
     with torch.enable_grad():
         x_adv = x_start.detach().clone().requires_grad_(True)
         for _ in range(steps):
-            grad = _grad(model, x_adv, objective_fn)
+            grad = _grad(model, x_adv, objective_fn, watch)
             with torch.no_grad():
                 project_l2_(l2_step_(x_adv, grad, step_size), x, eps, bounds)
+    if watch is not None:
+        watch.close()
     return x_adv.detach()

@@ -8,6 +8,7 @@ import torch
 from pydantic import model_validator
 
 from advbench.access import Handle
+from advbench.attacks import trace
 from advbench.attacks.base import GradientAttack, white_box
 from advbench.tensors import rand_like, randn_like, rows
 from advbench.attacks.losses import ascend_l2, ascend_linf, linf_box, objective, per_example_objective
@@ -111,7 +112,8 @@ class PGD(GradientAttack):
                 if idx.numel() == 0:
                     break
             t = None if target is None else target[idx]
-            x_r = self._once(net, x[idx], y[idx], threat, t, generator)
+            with trace.rows_of(idx):  # a path recorder follows the restart's rows
+                x_r = self._once(net, x[idx], y[idx], threat, t, generator)
             with torch.no_grad():
                 logits = net(x_r)
                 loss = per_example_objective(self.loss, logits, y[idx], t).float()

@@ -16,8 +16,11 @@ both. Score- and decision-based attacks see the deployed model only. A randomize
 scored over ``draws`` draws (``randomized_scoring``: ``mean`` or ``all``, see tables).
 
 With ``masking_checks`` (default on) the run adds the large-eps probe jobs, measures gradients
-and outputs of each attacked view, fills the table's ``flags`` column and writes masking.json
-(:mod:`advbench.eval.masking`).
+and outputs of each attacked view, records the evaluation-failure indicators with the jobs
+(:mod:`advbench.eval.indicators`), fills the table's ``flags`` column and writes masking.json
+(:mod:`advbench.eval.masking`). A stored job that should carry indicators and does not (stored
+with the checks off, or by an older advbench) is rerun, as one without its adversarial examples
+is when they are asked for.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from advbench.config import BenchmarkConfig
 from advbench.defenses.base import find_defended
 from advbench.errors import ConfigError, ModelOutputError
 from advbench.eval.executors import Executor, InProcessExecutor
+from advbench.eval.indicators import indicator_findings
 from advbench.eval.jobs import Job
 from advbench.eval.masking import (
     FLAGS,
@@ -192,9 +196,11 @@ def _run(config: BenchmarkConfig, out: Path, worker: Worker, runner: Executor, j
             for note in notes:
                 print(f"warning: {note}", file=sys.stderr)
         finished = store.finished_keys(config_hash)
+        measured = store.measured_keys(config_hash) if any(j.indicators for j in jobs) else set()
         todo = [
             j for j in jobs
             if j.key not in finished or (keep and not j.probe and not store.has_adversarial(config_hash, j.key))
+            or (j.indicators and j.key not in measured)
         ]
         show = sys.stderr.isatty() if progress is None else progress
         bar = tqdm(total=len(todo), disable=not show, desc="advbench", unit="job", dynamic_ncols=True)
@@ -341,10 +347,12 @@ def build_tables(store: ResultStore, config: BenchmarkConfig, keys: set[str] | N
         return (table, robust_accuracy_matrix(table, order["attacks"], FLAGS, config.eps_labels()),
                 masking_report([], None, [], enabled=False))
     probes = robust_accuracy_table(examples[probe_ex], stored[probe_jobs], order, scoring=scoring)
-    findings = table_findings(table, probes, attack_info(stored)) + list(gradient_found or [])
+    info = attack_info(stored)
+    indicated, readings = indicator_findings(examples, stored, table, probes, info)
+    findings = table_findings(table, probes, info) + list(gradient_found or []) + indicated
     table["flags"] = flags_column(table, findings)
     return (table, robust_accuracy_matrix(table, order["attacks"], FLAGS, config.eps_labels()),
-            masking_report(findings, probes, gradient_records or []))
+            masking_report(findings, probes, gradient_records or [], indicators=readings))
 
 
 def masking_lines(masking: dict[str, Any]) -> str:

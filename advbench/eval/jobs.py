@@ -44,6 +44,13 @@ class Job:
     #: a minimal-perturbation suite component in a cascade: ``after`` of every eps of its sweep
     #: (its one search covers the points still robust at any of them)
     sweep_after: tuple[tuple[str, ...], ...] = ()
+    #: record the evaluation-failure indicators (:mod:`advbench.eval.indicators`) beside the rows:
+    #: an iterative attack's path, a probe's class count and prediction stability. Like
+    #: ``save_adversarial`` it says what is kept, not what is computed: not part of the key or seed
+    indicators: bool = False
+    #: rerun the attack with a doubled budget on this many of the shard's first examples (the run's
+    #: first examples: Carlini et al.'s "more iterations" check); not part of the key or seed
+    more_examples: int = 0
 
     @property
     def key(self) -> str:
@@ -55,7 +62,8 @@ class Job:
         """What the job's key hashes: everything but how its output is kept (and one draw, so a
         deterministic model's jobs keep the keys, and seeds, they had before draws existed)."""
         d = asdict(self)
-        d.pop("save_adversarial")
+        for kept in ("save_adversarial", "indicators", "more_examples"):
+            d.pop(kept)
         if d["draws"] == 1:
             d.pop("draws")
         if not content or not d["content"]:
@@ -100,6 +108,12 @@ class Job:
     def probe(self) -> bool:
         """A gradient-masking probe (an almost unbounded attack; reported in masking.json only)."""
         return bool(self.attack.get("probe"))
+
+    @property
+    def probe_kind(self) -> str | None:
+        """Which probe: ``large_eps`` (the unbounded-attack probe), None for an attack job."""
+        kind = self.attack.get("probe")
+        return None if not kind else "large_eps" if kind is True else str(kind)
 
     @property
     def view(self) -> str:

@@ -40,6 +40,41 @@ Codes and rules (``tol`` = max(3 examples / n, 1%); robust accuracies are fracti
   Flags every attack row of the model, defense and view.
 
 ``worst-case`` rows take part in ``eps_flat`` only.
+
+Evaluation-failure indicators (:mod:`advbench.eval.indicators`; what the worker measured is kept
+in the store with each job, so these too are a pure function of the store). Pintor et al.'s
+*unavailable gradients* are ``grad_zero``/``grad_nan``, their *transfer failure* ``black_box``,
+their *unconstrained attack failure* ``large_eps``; beside them:
+
+- ``silent_success``: an iterative attack (kind ``iterative``: bim, pgd, apgd, apgd-t, AutoAttack's
+  APGD components) had, on its path, an iterate that met the goal on the model it attacked and
+  passes the audit on the deployed model (the first such iterate is audited like any output),
+  but the point it returned does not: flagged when more than ``tol`` x n examples of the cell are
+  (not on a randomized model, where one audited draw of each differs by chance: its readings are
+  kept, and ``unstable_predictions`` and the scoring draws speak for it).
+- ``incomplete_optimization``: among the examples the attack failed on, those whose logit margin
+  toward the goal (max_{i != y} z_i - z_y; targeted z_t - max_{i != t} z_i) rose, from its mean
+  over the second-to-last 10% of the iterates of their last run to its mean over the last 10%, by
+  more than :data:`INCOMPLETE_RISE` of its change over the whole run (at least
+  :data:`MARGIN_FLOOR` x (1 + |margin at the start|)): flagged when they are more than
+  :data:`INCOMPLETE_SHARE` of those examples and more than ``tol`` x n.
+- ``more_iterations`` (Carlini et al. 2019): the attack rerun with twice its steps (and twice its
+  restarts where it has random restarts; a BIM schedule resolved at the eps first, every other
+  parameter kept) on the run's first :data:`INDICATOR_EXAMPLES` examples leaves robust accuracy
+  on them more than ``tol`` (of that subset) below the attack's own. Not for suite components,
+  nor on a randomized model (one audited draw each, as for ``silent_success``).
+- ``not_chance_at_large_eps`` (Carlini et al.): the large-eps probe leaves robust accuracy above
+  chance (1 / the data's classes) + ``tol`` but not above :data:`LARGE_EPS_MAX` (there it is a
+  ``large_eps`` finding, which says more). Flags what ``large_eps`` flags.
+- ``unstable_predictions``: on the first :data:`NOISE_EXAMPLES` examples of each large-eps probe,
+  the model its attack was handed, evaluated :data:`NOISE_DRAWS` times as it is and as often under
+  uniform noise of +-:data:`NOISE_SCALE` of the input range, gives another prediction than the
+  example's most frequent one in more than :data:`UNSTABLE_SHARE` of either set of evaluations.
+  Flags what ``large_eps`` flags.
+- ``suboptimal_minimal`` (AttackBench): where two or more minimal-perturbation attacks ran on a
+  model, defense and threat group, one whose area under the robust-accuracy curve over [0, the
+  largest eps] is more than 1 / :data:`OPTIMALITY_MIN` times that of the per-example best
+  distance of them all (optimality below :data:`OPTIMALITY_MIN`). Flags that attack's rows.
 """
 
 from __future__ import annotations
@@ -67,6 +102,15 @@ ZERO_GRAD_SHARE = 0.25  # more than this share of exactly-zero input gradients i
 NONDET_RTOL = 1e-3  # two gradients of a deterministic model may differ by this much of their max
 PROBE_EXAMPLES = 100  # examples the large-eps probe attacks
 GRAD_EXAMPLES = 32  # examples the gradient and output checks use
+INDICATOR_EXAMPLES = 64  # the first examples an iterative attack is rerun on with a doubled budget
+INCOMPLETE_RISE = 0.10  # an example still gaining: its margin rose this share of its change in the last window
+INCOMPLETE_SHARE = 0.5  # incomplete optimization: more than this share of the failed examples still gaining
+MARGIN_FLOOR = 1e-3  # a margin change below this (x (1 + |margin|)) is no change
+NOISE_EXAMPLES = 32  # examples of each large-eps probe whose prediction stability is measured
+NOISE_DRAWS = 8  # repeated evaluations, and as many noisy ones, per example
+NOISE_SCALE = 1 / 255  # the uniform noise's half-width, in units of the input range
+UNSTABLE_SHARE = 0.10  # evaluations differing from an example's most frequent prediction above this share
+OPTIMALITY_MIN = 0.90  # a minimal attack's area under the curve against the per-example best's below this
 
 FLAGS: dict[str, str] = {
     "eps_flat": "robust accuracy does not fall as eps grows",
@@ -78,7 +122,17 @@ FLAGS: dict[str, str] = {
     "grad_nondet": "the input gradients differ between two runs on a model declared deterministic",
     "probs": "the model returns probabilities instead of logits",
     "dynamic": "the model's forward pass computes gradients (a test-time-optimization defense)",
+    "silent_success": "the attack passed an adversarial point on its path but returned a point that is not",
+    "incomplete_optimization": "the attack's margin was still rising over its last iterations",
+    "more_iterations": "twice the attack's steps (and restarts) lower robust accuracy on the first examples",
+    "not_chance_at_large_eps": "accuracy stays above chance at an eps covering the whole input range",
+    "unstable_predictions": "the model's predictions change when it is evaluated again or under tiny noise",
+    "suboptimal_minimal": "a minimal-perturbation attack finds larger perturbations than the per-example best",
 }
+
+#: the codes measured on the models themselves, which a report cannot recompute from the store
+#: (it carries them over from masking.json); every other code is a function of the store
+MODEL_CODES = ("grad_zero", "grad_nan", "grad_nondet", "probs", "dynamic")
 
 ADVICE: dict[str, str] = {
     "eps_flat": "the attack is not using the budget: attack adaptively (BPDA for non-differentiable stages, "
@@ -100,6 +154,21 @@ ADVICE: dict[str, str] = {
              "softmax), or attack with a margin loss",
     "dynamic": "attacks on the static forward may not evaluate it: attack the whole procedure adaptively "
                "(BPDA through its optimization, EoT over its randomness) and check transfer from a static copy",
+    "silent_success": "the attack's robust accuracy overstates it: make the attack return the best adversarial "
+                      "point it passed (APGD does), or use a margin loss, smaller final steps or more restarts; "
+                      "AutoAttack's APGD keeps its adversarial iterates",
+    "incomplete_optimization": "more iterations would help: raise steps (or the step size), add restarts, or use "
+                               "APGD's step-size schedule (apgd, autoattack); see whether more_iterations agrees",
+    "more_iterations": "the attack has not converged: raise steps and restarts until robust accuracy stops "
+                       "falling, and report that number (or APGD/AutoAttack's)",
+    "not_chance_at_large_eps": "a ball covering the input range reaches every image, so accuracy must fall to "
+                               "chance or below: the attack's gradients mislead it here; try BPDA/EoT "
+                               "(adaptive: auto), a margin loss, more steps, a black-box attack",
+    "unstable_predictions": "a single evaluation is unreliable: declare the randomness (a randomized stage gets "
+                            "EoT and scoring over draws), raise eot_samples and draws, or fix the noise's seed",
+    "suboptimal_minimal": "the attack stops short of the smallest perturbations others find: more steps or "
+                          "restarts, another starting point, or take the per-example best of several minimal "
+                          "attacks (fab, cw, deepfool) as the number",
 }
 
 
@@ -404,13 +473,17 @@ def format_findings(findings: Sequence[Finding]) -> str:
     """One line per finding (empty when there is none)."""
     if not findings:
         return ""
-    head = f"gradient masking? {len(findings)} flag(s); details in masking.json"
+    head = f"gradient masking or a failed evaluation? {len(findings)} flag(s); details in masking.json"
     return "\n".join([head, *("  " + f.line() for f in findings)])
 
 
 def report(findings: Sequence[Finding], probes: pd.DataFrame | None, gradients: Sequence[dict[str, Any]],
-           enabled: bool = True) -> dict[str, Any]:
-    """The content of masking.json."""
+           enabled: bool = True, indicators: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The content of masking.json. ``indicators`` holds the evaluation-failure indicators' readings
+    of every cell, flagged or not (:func:`advbench.eval.indicators.indicator_findings`): ``paths``
+    (each iterative attack's path), ``more_iterations`` (its rerun with a doubled budget),
+    ``large_eps`` (each probe against chance), ``stability`` (prediction stability) and
+    ``optimality`` (each minimal-perturbation attack against the per-example best)."""
     probe_rows = [] if probes is None or probes.empty else [
         {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
         for r in probes[~worst_case_rows(probes)][
@@ -421,11 +494,16 @@ def report(findings: Sequence[Finding], probes: pd.DataFrame | None, gradients: 
         "enabled": enabled,
         "thresholds": {"tolerance_examples": TOL_EXAMPLES, "tolerance_min": TOL_MIN, "large_eps_max": LARGE_EPS_MAX,
                        "zero_grad_share": ZERO_GRAD_SHARE, "nondet_rtol": NONDET_RTOL,
-                       "probe_examples": PROBE_EXAMPLES, "grad_examples": GRAD_EXAMPLES},
+                       "probe_examples": PROBE_EXAMPLES, "grad_examples": GRAD_EXAMPLES,
+                       "indicator_examples": INDICATOR_EXAMPLES, "incomplete_rise": INCOMPLETE_RISE,
+                       "incomplete_share": INCOMPLETE_SHARE, "margin_floor": MARGIN_FLOOR,
+                       "noise_examples": NOISE_EXAMPLES, "noise_draws": NOISE_DRAWS, "noise_scale": NOISE_SCALE,
+                       "unstable_share": UNSTABLE_SHARE, "optimality_min": OPTIMALITY_MIN},
         "flags": FLAGS,
         "findings": [f.to_dict() for f in findings],
         "probes": probe_rows,
         "gradients": list(gradients),
+        "indicators": dict(indicators or {}),
     }
 
 

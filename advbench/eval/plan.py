@@ -19,7 +19,7 @@ import torch
 
 from advbench.config import BenchmarkConfig, attack_threats
 from advbench.eval.jobs import PROBE_PREFIX, Job, ModelTags
-from advbench.eval.masking import PROBE_EXAMPLES, probe_eps
+from advbench.eval.masking import INDICATOR_EXAMPLES, PROBE_EXAMPLES, probe_eps
 from advbench.eval.worker import Worker
 from advbench.registry import ATTACKS
 from advbench.specs import DefenseSpec, ModelSpec
@@ -90,7 +90,11 @@ def plan_jobs(config: BenchmarkConfig, indices: np.ndarray, save_adversarial: bo
     shards and eps. A minimal-perturbation attack's jobs at the eps of one group come one after
     another for each shard, so the worker runs the attack once and re-audits its result at each
     eps. ``worker`` loads the models and data to learn what each (model, defense) is and the
-    content digests the jobs carry (default: a CPU worker of its own)."""
+    content digests the jobs carry (default: a CPU worker of its own).
+
+    With ``masking_checks`` the jobs of an iterative attack record its path, and those holding the
+    run's first ``INDICATOR_EXAMPLES`` examples (outside a suite) rerun it on them with a doubled
+    budget (:mod:`advbench.eval.indicators`); neither changes a job's key or seed."""
     worker = worker or Worker(torch.device("cpu"))
     data = config.data.model_dump(mode="json")
     shards = [tuple(int(i) for i in indices[s : s + config.batch_size]) for s in range(0, len(indices), config.batch_size)]
@@ -109,6 +113,8 @@ def plan_jobs(config: BenchmarkConfig, indices: np.ndarray, save_adversarial: bo
             in_suite: dict[tuple[int, ThreatModel], list[str]] = {}  # a suite's cascade: its earlier components
             for part in planned_parts(attack.name, attack.params, label, planned[0]):
                 minimal = bool(getattr(ATTACKS.get(part.name).factory, "minimal", False))  # a class attribute
+                traced = (config.masking_checks and not minimal
+                          and getattr(ATTACKS.get(part.name).factory, "kind", "") == "iterative")
                 extra = {**({"minimal": True} if minimal else {}),
                          **({"suite": part.suite + suffix, "suite_cascade": part.cascade} if part.suite else {})}
                 aspec = _attack_spec(part.name, part.params, part.label + suffix, view, **extra)
@@ -119,8 +125,10 @@ def plan_jobs(config: BenchmarkConfig, indices: np.ndarray, save_adversarial: bo
                     after = tuple(earlier.get((s, threat), [])) if config.cascade else ()
                     after = after + tuple(k for k in suite_after[(s, threat)] if k not in after)
                     sweep = tuple(suite_after[(s, t)] for t in planned) if minimal and part.cascade else ()
+                    more = max(0, min(len(shards[s]), INDICATOR_EXAMPLES - s * config.batch_size))
                     job = Job(data, mspec, dspec, threat.to_dict(), aspec, s, shards[s], config.seed, after,
-                              save_adversarial, draws, content[s], sweep_after=sweep)
+                              save_adversarial, draws, content[s], sweep_after=sweep, indicators=traced,
+                              more_examples=more if traced and not part.suite else 0)
                     earlier.setdefault((s, threat), []).append(job.key)
                     in_suite.setdefault((s, threat), []).append(job.key)
                     jobs.append(job)
@@ -167,7 +175,9 @@ def plan_probes(config: BenchmarkConfig, indices: np.ndarray, input_numel: int,
     """The large-eps probes of the gradient-masking checks (none when they are off): per model,
     defense, white-box threat group and view, PGD (the config's first PGD entry's parameters,
     its step size left to scale with eps; else PGD's defaults) at an eps whose ball covers the
-    whole input range, on the first ``PROBE_EXAMPLES`` examples. Labels ``probe:pgd[+view]``."""
+    whole input range, on the first ``PROBE_EXAMPLES`` examples. Labels ``probe:pgd[+view]``. Each
+    also records the data's class count and the stability of its view's predictions
+    (:mod:`advbench.eval.indicators`)."""
     if not config.masking_checks:
         return []
     worker = worker or Worker(torch.device("cpu"))
@@ -188,5 +198,5 @@ def plan_probes(config: BenchmarkConfig, indices: np.ndarray, input_numel: int,
             aspec = _attack_spec("pgd", params, f"{PROBE_PREFIX}pgd{suffix}", view, probe=True)
             jobs.append(Job(data, mspec, dspec, threat.to_dict(), aspec, -1, subset, config.seed,
                             draws=config.draws if mtags.randomized else 1,
-                            content=worker.content(data, mspec, subset)))
+                            content=worker.content(data, mspec, subset), indicators=True))
     return jobs

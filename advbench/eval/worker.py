@@ -40,12 +40,15 @@ from torch import nn
 
 from advbench.attacks.autoattack import still_robust
 from advbench.attacks.base import Attack, AttackResult
+from advbench.attacks.trace import PathRecorder, PathSummary
 from advbench.audit import goal_met, predict, targetable
 from advbench.data.base import ImageData
 from advbench.defenses.base import DefendedModel, adaptive, find_defended
 from advbench.errors import AdvbenchError, ConfigError, ModelOutputError
 from advbench.eval import threads
+from advbench.eval.indicators import broken, doubled_params, path_reading, stability_reading
 from advbench.eval.jobs import Job, ModelTags, stable_hash
+from advbench.eval.masking import NOISE_EXAMPLES
 from advbench.loading import Autocast, apply_defense, load_data, load_model, model_digest
 from advbench.registry import ATTACKS
 from advbench.store import JobRecord
@@ -97,6 +100,8 @@ class Outcome:
     n_queries: int = 0
     quantization_failures: int = 0
     seconds: float | None = None  # a reused minimal-perturbation run: the seconds it took
+    measured: dict[str, Any] | None = None  # the evaluation-failure indicators' readings (Job.indicators)
+    extra_seconds: float = 0.0  # spent on those readings (not the attack's time)
 
 
 class Worker:
@@ -250,8 +255,10 @@ class Worker:
             outcome = self.attack(job, ctx, todo)
             if ctx.randomized is not None:
                 self.score_draws(job, ctx, todo, outcome)
-            seconds = time.perf_counter() - start if outcome.seconds is None else outcome.seconds
-            return record(job, ctx, todo, outcome, seconds)
+            if job.indicators and job.probe_kind == "large_eps":
+                self.probe_readings(job, ctx, outcome)
+            spent = time.perf_counter() - start - outcome.extra_seconds
+            return record(job, ctx, todo, outcome, spent if outcome.seconds is None else outcome.seconds)
 
     def context(self, job: Job) -> Context:
         """The job's examples (moved to the device), models, attack, clean pass and targets."""
@@ -303,13 +310,16 @@ class Worker:
             x_adv=ctx.x.clone(),
         )
         if not bool(todo.any()):
+            if self.traced(job, ctx):  # nothing attacked: nothing on a path (and nothing to rerun for)
+                out.measured = {"kind": "path", "attacked": 0}
             return out
         sel = todo.nonzero().squeeze(1)
         if ctx.randomized is not None:
             ctx.randomized.reseed(job.seed)
         target = None if ctx.target is None else ctx.target[sel]
         generator = torch.Generator(device="cpu").manual_seed(job.seed)
-        result, out.seconds = self._run_attack(job, ctx, ctx.x[sel], ctx.y[sel], target, sel, generator)
+        traces: list[PathSummary] | None = [] if self.traced(job, ctx) else None
+        result, out.seconds = self._run_attack(job, ctx, ctx.x[sel], ctx.y[sel], target, sel, generator, traces)
         out.pred_adv[sel] = result.pred_adv
         out.valid[sel] = result.valid
         out.success[sel] = result.success
@@ -319,7 +329,69 @@ class Worker:
             out.min_distance[sel] = result.minimal_distances.to(out.min_distance.dtype)
         out.n_forward, out.n_backward, out.n_queries = result.n_forward, result.n_backward, result.n_queries
         out.quantization_failures = result.quantization_failures
+        if traces is not None:
+            start = time.perf_counter()
+            out.measured = self.path_readings(job, ctx, sel, result, target, traces)
+            out.extra_seconds = time.perf_counter() - start
         return out
+
+    # ------------------------------------------------------------------ evaluation-failure indicators
+    @staticmethod
+    def traced(job: Job, ctx: Context) -> bool:
+        """Whether the job records its attack's path: an iterative attack's job with indicators."""
+        return job.indicators and not job.probe and not job.minimal and ctx.attack.kind == "iterative"
+
+    def path_readings(self, job: Job, ctx: Context, sel: torch.Tensor, result: AttackResult,
+                      target: torch.Tensor | None, traces: list[PathSummary]) -> dict[str, Any]:
+        """The path's readings (:func:`~advbench.eval.indicators.path_reading`, its iterates audited
+        on the deployed model) and, on the shard's first ``job.more_examples`` examples, the attack
+        rerun with a doubled budget. A randomized model restarts from the job's seed for each, after
+        the attack and before the scoring draws (which restart it themselves)."""
+        x, y = ctx.x[sel], ctx.y[sel]
+        if ctx.randomized is not None:
+            ctx.randomized.reseed(job.seed)
+        idx = [job.indices[i] for i in sel.tolist()]
+        measured = path_reading(PathSummary.join(traces), result, ctx.deployed, x, y, ctx.threat, target, idx)
+        measured["randomized"] = ctx.randomized is not None
+        params = None
+        if job.more_examples > 0 and not job.attack.get("suite"):
+            params = doubled_params(job.attack["name"], job.attack["params"], ctx.threat)
+        if params is None:
+            return measured
+        n = min(job.more_examples, len(job.indices))
+        correct = ctx.clean.correct(ctx.y)[:n]
+        broken_main = torch.zeros(len(job.indices), dtype=torch.bool, device=self.device)
+        broken_main[sel] = broken(result, y)
+        broken_more = broken_main.clone()
+        first = (sel < n).nonzero().squeeze(1)  # positions in sel of the shard's first n examples
+        if first.numel():
+            key = stable_hash([job.attack["name"], params])
+            if key not in self._attacks:
+                self._attacks[key] = ATTACKS.create(job.attack["name"], **params)
+            if ctx.randomized is not None:
+                ctx.randomized.reseed(job.seed)
+            rerun = dataclasses.replace(ctx, attack=self._attacks[key])
+            t = None if target is None else target[first]
+            more = self._attack_fitting(job, rerun, self.view(job), x[first], y[first], t,
+                                        torch.Generator(device="cpu").manual_seed(job.seed))
+            broken_more[sel[first]] = broken(more, y[first])
+        measured["more_iterations"] = {
+            "n": n, "attacked": int(first.numel()),
+            "robust": int((correct & ~broken_main[:n]).sum()), "robust_more": int((correct & ~broken_more[:n]).sum()),
+            "params": {k: v for k, v in params.items() if job.attack["params"].get(k) != v}}
+        return measured
+
+    def probe_readings(self, job: Job, ctx: Context, out: Outcome) -> None:
+        """A large-eps probe's extra readings: the data's class count (chance) and the stability of
+        the predictions of the model its attack was handed (:func:`~advbench.eval.indicators.stability_reading`)
+        on its first ``NOISE_EXAMPLES`` examples, a randomized model restarted from the job's seed."""
+        start = time.perf_counter()
+        if ctx.randomized is not None:
+            ctx.randomized.reseed(job.seed)
+        generator = torch.Generator(device="cpu").manual_seed(job.seed)
+        stability = stability_reading(self.view(job), ctx.x[:NOISE_EXAMPLES], ctx.threat.bounds, generator)
+        out.measured = {"kind": "large_eps", "classes": int(self.data(job.data).num_classes), "stability": stability}
+        out.extra_seconds += time.perf_counter() - start
 
     def score_draws(self, job: Job, ctx: Context, todo: torch.Tensor, out: Outcome) -> None:
         """A randomized model's scoring over its draws: the audited images (their validity known
@@ -335,15 +407,16 @@ class Worker:
 
     def _run_attack(
         self, job: Job, ctx: Context, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
-        sel: torch.Tensor, generator: torch.Generator,
+        sel: torch.Tensor, generator: torch.Generator, traces: list[PathSummary] | None = None,
     ) -> tuple[AttackResult, float | None]:
         """Run the attack, or re-audit the run a minimal-perturbation job shares with its other
         eps. Returns the result and, when reused, the seconds the shared run took. On a randomized
         model every eps (the first too) re-audits the shared run from the job's seed, so the
-        result does not depend on which eps ran first."""
+        result does not depend on which eps ran first. ``traces`` collects the path of a
+        non-minimal attack (:mod:`advbench.attacks.trace`)."""
         view = self.view(job)
         if not job.minimal:
-            return self._attack_fitting(job, ctx, view, x, y, target, generator), None
+            return self._attack_fitting(job, ctx, view, x, y, target, generator, traces), None
         key = (job.sweep_key, sel.cpu().numpy().tobytes())
         reused: float | None = None
         if self._sweep is not None and self._sweep[0] == key:
@@ -359,11 +432,18 @@ class Worker:
         return ctx.attack.at_budget(ctx.deployed, x, y, ctx.threat, self._sweep[1]), reused
 
     def _attack_fitting(self, job: Job, ctx: Context, view: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                        target: torch.Tensor | None, generator: torch.Generator) -> AttackResult:
+                        target: torch.Tensor | None, generator: torch.Generator,
+                        traces: list[PathSummary] | None = None) -> AttackResult:
         """The attack on ``x``; out of device memory, on halves of it in turn (recursively),
-        the results joined in order. One example that does not fit is an error, not a number."""
+        the results joined in order. One example that does not fit is an error, not a number.
+        With ``traces`` each piece's path is recorded and appended, in order."""
         try:
-            return ctx.attack(view, x, y, ctx.threat, target=target, generator=generator, judge=ctx.deployed)
+            if traces is None:
+                return ctx.attack(view, x, y, ctx.threat, target=target, generator=generator, judge=ctx.deployed)
+            with PathRecorder(x, y, target) as recorder:
+                result = ctx.attack(view, x, y, ctx.threat, target=target, generator=generator, judge=ctx.deployed)
+            traces.append(recorder.summary())
+            return result
         except torch.OutOfMemoryError:
             if len(x) <= 1:
                 raise OutOfMemory(f"model {job.model['name']!r}: attack {job.attack_label!r} runs out of device "
@@ -374,7 +454,7 @@ class Worker:
         self.oom_events.append({"job": job.key, "model": job.model["name"], "attack": job.attack_label,
                                 "examples": len(x), "batch": half})
         parts = [self._attack_fitting(job, ctx, view, x[s : s + half], y[s : s + half],
-                                      None if target is None else target[s : s + half], generator)
+                                      None if target is None else target[s : s + half], generator, traces)
                  for s in range(0, len(x), half)]
         return join_results(parts)
 
@@ -458,6 +538,7 @@ def record(job: Job, ctx: Context, todo: torch.Tensor, out: Outcome, seconds: fl
         probe=job.probe,
         suite=job.attack.get("suite"),
         suite_cascade=bool(job.attack.get("suite_cascade")),
+        measured=out.measured,
     )
 
 

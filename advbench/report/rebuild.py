@@ -12,13 +12,14 @@ import pandas as pd
 
 from advbench.config import attack_threats
 from advbench.eval.evaluator import build_tables
-from advbench.eval.masking import Finding
+from advbench.eval.masking import MODEL_CODES, Finding
 from advbench.eval.tables import _threat_columns, worst_case_rows
 from advbench.report.load import Run
 from advbench.store import ResultStore
 
-#: the findings of the gradient and output checks (table checks are recomputed from the store)
-GRADIENT_CODES = ("grad_zero", "grad_nan", "grad_nondet", "probs")
+#: the findings of the gradient, output and forward-pass checks (table checks are recomputed from
+#: the store); ``dynamic`` was missing here, so a report dropped that finding
+GRADIENT_CODES = MODEL_CODES
 CELL = ["model", "defense", "attack", "norm", "eps", "targeting", "knowledge"]
 COST = ["seconds", "n_forward", "n_backward", "n_queries"]
 
