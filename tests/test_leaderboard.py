@@ -56,7 +56,7 @@ def test_the_real_entries_are_the_suites_entries():
 
     hashes = {load_config(p).hash() for p in lb.suite_files(REAL)}
     entries = lb.load_entries(REAL)
-    assert len(entries) == 14 and {e["config_hash"] for e in entries.values()} == hashes
+    assert len(entries) == 17 and {e["config_hash"] for e in entries.values()} == hashes
     for e in entries.values():
         if e["dataset"]["name"] == "digits":
             spec = {"name": e["model"]}
@@ -136,7 +136,14 @@ def test_entries_are_numbers_and_the_schema_round_trips():
     entries = lb.load_entries(REAL)
     models = ("digits-mlp", "digits-cnn", "digits-cnn-madry", "digits-cnn-fast", "digits-cnn-trades",
               "digits-cnn-distillation", "mnist-cnn")
-    assert sorted(entries) == sorted(f"{m}__none__{t}" for m in models for t in ("linf-0.1", "l2-1"))
+    transforms = [f"digits-cnn__{d}__linf-0.1" for d in ("jpeg", "bit_depth", "randomization")]
+    assert sorted(entries) == sorted([f"{m}__none__{t}" for m in models for t in ("linf-0.1", "l2-1")] + transforms)
+    for name in transforms:  # naive and adaptive attacks side by side; the adaptive worst case ranks
+        e = entries.pop(name)
+        adaptive = "+eot" if "randomization" in name else "+bpda"
+        assert {"pgd", f"pgd{adaptive}", "autoattack", f"autoattack{adaptive}"} <= set(e["attacks"]) and e["n"] == 100
+        assert e["naive_robust_accuracy"] is not None and e["robust_accuracy"] <= e["naive_robust_accuracy"]
+        assert e["robust_accuracy"] <= min(e["attacks"].values()) + 1e-12
     for name, e in entries.items():
         assert lb.entry_name(e) == name and e["schema_version"] == lb.SCHEMA_VERSION
         assert json.loads(lb.dumps(e)) == e
@@ -158,7 +165,7 @@ def test_the_readme_autoattack_table_is_the_entries():
     readme = (ROOT / "README.md").read_text()
     columns = ["pgd", "autoattack.apgd-ce", "autoattack.apgd-t", "autoattack.fab-t", "autoattack.square", "autoattack"]
     for name, e in lb.load_entries(REAL).items():
-        if not name.startswith("digits"):
+        if not name.startswith("digits") or e["defense"] != "none":
             continue
         cells = [e["model"], f"{e['threat']['norm']} {e['threat']['eps']:g}", f"{100 * e['clean_accuracy']:.2f}",
                  *(f"{100 * e['attacks'][c]:.2f}" for c in columns)]
@@ -207,13 +214,16 @@ def test_entries_carry_intervals_and_their_per_example_worst_case():
         assert lo <= e["robust_accuracy"] <= hi and e["intervals"]["level"] == 0.95
         for a, v in e["attacks"].items():
             assert e["intervals"]["attacks"][a][0] <= v <= e["intervals"]["attacks"][a][1]
-        robust = e["robust_examples"]
-        assert len(robust) == e["n"] and abs(robust.count("1") / e["n"] - e["robust_accuracy"]) < 1e-12, name
+        from advbench.leaderboard.entries import decode_examples
+
+        robust = decode_examples(e["robust_examples"])  # a randomized model's: the share of draws held
+        assert len(robust) == e["n"] and abs(robust.mean() - e["robust_accuracy"]) < 1e-9, name
         assert e["ranking"] == f"{e['dataset']['name']}/{e['dataset']['split']}/{e['threat_id']}"
 
 
 def test_neighbours_are_compared_paired_on_the_same_examples():
-    rs = {r.key: r for r in lb.rankings(lb.load_entries(REAL))}
+    undefended = {k: e for k, e in lb.load_entries(REAL).items() if e["defense"] == "none"}
+    rs = {r.key: r for r in lb.rankings(undefended)}
     linf = rs["digits/test/linf-0.1"]
     order = [e["model"] for e in linf.entries]
     assert order[0] in ("digits-cnn-madry", "digits-cnn-fast")  # adversarial training ranks first
@@ -300,6 +310,8 @@ def test_to_robustbench():
     assert got["autoattack_acc"] == "25.00" and got["footnote"] is None  # the suite's row, not the smallest row
     assert run({"name": "autoattack", "params": {"version": "standard"}, "label": "aa"}, {"aa": 0.2})["autoattack_acc"] == "20.00"
     assert run({"name": "autoattack", "params": {"version": "plus"}, "label": None}, suite)["autoattack_acc"] is None
+    adaptive = {"autoattack": 0.73, "autoattack+bpda": 0.56}  # a defended model: the adaptive suite's row counts
+    assert run({"name": "autoattack", "params": {}, "label": None}, adaptive)["autoattack_acc"] == "56.00"
     for quick in ({"steps": 5}, {"queries": 100}):  # fewer iterations is a smoke run, not the reference's number
         assert run({"name": "autoattack", "params": quick, "label": None}, suite)["autoattack_acc"] is None
     assert run({"name": "pgd", "params": {}, "label": "autoattack-like"}, {"autoattack-like": 0.1})["autoattack_acc"] is None

@@ -48,7 +48,10 @@ def to_robustbench(entry: dict[str, Any]) -> dict[str, Any]:
     carries our number.
     """
     attacks = entry.get("attacks", {})
-    auto = [attacks[label] for label in _standard_autoattack_labels(entry) if label in attacks]
+    # the suite's row, and its adaptive views' rows (BPDA / EoT) where the model has them: on a
+    # defended model the adaptive AutoAttack is the number that counts
+    auto = [attacks[label + view] for label in _standard_autoattack_labels(entry)
+            for view in ("", "+bpda", "+eot", "+bpda+eot") if label + view in attacks]
     footnote = None
     if not auto:
         footnote = (f"advbench worst case over {', '.join(sorted(attacks))}: "
