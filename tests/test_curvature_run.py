@@ -92,7 +92,19 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(small_run, tmp_p
     assert (again / "images.csv").read_text() == (out / "images.csv").read_text()
 
 
-def test_a_changed_setting_or_model_is_never_served_a_stale_part(small_run, tmp_path):
+def test_a_parts_key_moves_with_every_digest():
+    from advbench.curvature.parts import part_key
+
+    base = part_key({"steps": 40}, {"model": "a", "second_model": None}, "images", "0.1.0")
+    for other in (part_key({"steps": 41}, {"model": "a", "second_model": None}, "images", "0.1.0"),
+                  part_key({"steps": 40}, {"model": "b", "second_model": None}, "images", "0.1.0"),
+                  part_key({"steps": 40}, {"model": "a", "second_model": "c"}, "images", "0.1.0"),
+                  part_key({"steps": 40}, {"model": "a", "second_model": None}, "other images", "0.1.0"),
+                  part_key({"steps": 40}, {"model": "a", "second_model": None}, "images", "0.2.0")):
+        assert other != base
+
+
+def test_a_changed_setting_is_never_served_a_stale_part(small_run, tmp_path):
     tmp, out = small_run
     other = tmp_path / "o"
     (tmp_path / "c.yaml").write_text(SMALL.replace("steps: 40", "steps: 30"))

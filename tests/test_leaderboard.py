@@ -237,8 +237,12 @@ def test_neighbours_are_compared_paired_on_the_same_examples():
     assert comp.paired and comp.low <= 0 <= comp.high and not comp.separated  # 0.8% vs 0.6%: within the noise
     a = {"robust_accuracy": 0.5, "intervals": {"robust_accuracy": [0.4, 0.6]}, "robust_examples": None}
     b = {"robust_accuracy": 0.3, "intervals": {"robust_accuracy": [0.2, 0.45]}, "robust_examples": None}
-    assert not lb.rankings.__globals__["compare"](a, b).paired
-    assert not lb.rankings.__globals__["compare"](a, b).separated  # 0.4 < 0.45: the intervals overlap
+    from advbench.leaderboard.rankings import compare
+
+    assert not compare(a, b).paired and compare(a, b).overlap
+    assert not compare(a, b).separated  # 0.4 < 0.45: the intervals overlap
+    c = {**b, "robust_accuracy": 0.2, "intervals": {"robust_accuracy": [0.1, 0.3]}}
+    assert compare(a, c).separated and compare(a, c).text() == "intervals do not overlap"
 
 
 def test_the_committed_pages_match_the_entries(tmp_path):

@@ -76,8 +76,9 @@ def spectra(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, max_exact_dim
     """The Hessian's spectrum per image (``values`` (N, D) exact, or an SLQ ``density``), the
     method used, the float64 Hessian object, and its top eigenvector (N, D) and eigenvalue.
     ``method="slq"`` forces the estimate (to compare it with the exact spectrum)."""
-    if method == "auto" and bool(gauss_newton_is_exact(model, x, y, generator).all()):
-        h: Any = GaussNewton(model, x, y, dtype=torch.float64)
+    gn = GaussNewton(model, x, y, dtype=torch.float64) if method == "auto" else None
+    if gn is not None and bool(gauss_newton_is_exact(model, x, y, generator, gn=gn).all()):
+        h: Any = gn  # the Jacobian's K backward passes serve the check and the spectrum
         values = h.spectrum()
         top_value, top_vec = (t[:, 0] for t in h.top_eigen(1))
         return {"method": "gauss-newton", "hessian": h, "values": values, "top_value": top_value, "top_vector": top_vec}

@@ -324,13 +324,15 @@ class GaussNewton:
 
 
 def gauss_newton_is_exact(model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None,
-                          rtol: float = 1e-6) -> torch.Tensor:
+                          rtol: float = 1e-6, gn: GaussNewton | None = None) -> torch.Tensor:
     """Per example (N,): whether ``J^T A J`` is the input Hessian at ``x`` (float64), checked on a
     random direction against autograd's double backward (a model with curvature of its own
     differs on almost every direction). The tolerance is ``rtol`` of the product plus rounding of
     the products' own terms (1e-12 of ``|J^T diag(p) J v|``): for a very confident image the
-    Hessian is the small difference of larger terms, and two exact routes differ by their rounding."""
-    full, gn = InputHessian(model, x, y, dtype=torch.float64), GaussNewton(model, x, y, dtype=torch.float64)
+    Hessian is the small difference of larger terms, and two exact routes differ by their rounding.
+    ``gn``: the float64 :class:`GaussNewton` of the same batch, when the caller has it already."""
+    full = InputHessian(model, x, y, dtype=torch.float64)
+    gn = gn if gn is not None else GaussNewton(model, x, y, dtype=torch.float64)
     v = randn_like(torch.empty(full.n, full.dim, dtype=torch.float64, device=x.device), generator)
     a, b = full.hvp(v).double(), gn.hvp(v)
     jv = torch.einsum("nkd,nd->nk", gn.J, v)

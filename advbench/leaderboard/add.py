@@ -48,12 +48,13 @@ def add_run(folder: str | Path, run_dir: str | Path) -> list[Path]:
     run = load_run(run_dir)
     matching_suite(folder, run.config)
     with ResultStore(Path(run_dir) / DB_NAME) as store:
+        planned = store.planned_keys(run.config_hash) or set()
+        missing = len(planned - store.finished_keys(run.config_hash))
+        if missing:
+            raise ConfigError(f"{run_dir}: the run is not finished ({missing} job(s) missing); rerun 'advbench "
+                              "evaluate' to finish it first")
         table, _, masking = build_tables(store, run.config)
-        examples = store.examples(run.config_hash, store.planned_keys(run.config_hash))
-    missing = store_missing(run)
-    if missing:
-        raise ConfigError(f"{run_dir}: the run is not finished ({missing} job(s) missing); rerun 'advbench evaluate' "
-                          "to finish it first")
+        examples = store.examples(run.config_hash, planned)
     examples = examples[~examples.probe.fillna(0).astype(bool)]
     entries = entries_from_table(table, run.config, masking, cards=run.provenance.get("model_cards", {}),
                                  digests=run.provenance.get("model_digests", {}), examples=examples, source="added")
@@ -65,9 +66,3 @@ def add_run(folder: str | Path, run_dir: str | Path) -> list[Path]:
                           "config)")
     return write_entries(folder, entries, replace=False)
 
-
-def store_missing(run: Any) -> int:
-    """How many planned jobs of the run are not stored."""
-    with ResultStore(run.db) as store:
-        planned = store.planned_keys(run.config_hash) or set()
-        return len(planned - store.finished_keys(run.config_hash))

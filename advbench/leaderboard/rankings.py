@@ -18,22 +18,27 @@ from advbench.leaderboard.entries import decode_examples, entry_name, ranking_ke
 
 @dataclass(frozen=True)
 class Comparison:
-    """An entry against the next one down: the difference of robust accuracies and its interval."""
+    """An entry against the next one down: the difference of robust accuracies; paired, its
+    bootstrap interval; unpaired, whether the two entries' exact intervals overlap."""
 
     difference: float
-    low: float
-    high: float
-    paired: bool
+    low: float = float("nan")
+    high: float = float("nan")
+    overlap: bool | None = None  # unpaired only
+
+    @property
+    def paired(self) -> bool:
+        return self.overlap is None
 
     @property
     def separated(self) -> bool:
-        return self.low > 0 if self.paired else self.low > self.high  # unpaired: see compare()
+        return self.low > 0 if self.paired else not self.overlap
 
     def text(self) -> str:
         if self.paired:
             verdict = "ahead" if self.low > 0 else "tied within the interval"
             return f"{100 * self.difference:+.1f} pts [{100 * self.low:+.1f}, {100 * self.high:+.1f}] (paired), {verdict}"
-        return "intervals overlap" if not self.separated else "intervals do not overlap"
+        return "intervals overlap" if self.overlap else "intervals do not overlap"
 
 
 @dataclass(frozen=True)
@@ -60,11 +65,10 @@ def compare(upper: dict[str, Any], lower: dict[str, Any], resamples: int = 2000,
     if a is not None and b is not None and upper.get("examples_digest") == lower.get("examples_digest") \
             and upper.get("examples_digest") is not None:
         est = paired_difference(decode_examples(a), decode_examples(b), resamples, seed)
-        return Comparison(est.value, est.low, est.high, True)
-    lo_u, _ = upper["intervals"]["robust_accuracy"]
-    _, hi_l = lower["intervals"]["robust_accuracy"]
-    diff = upper["robust_accuracy"] - lower["robust_accuracy"]
-    return Comparison(diff, lo_u, hi_l, False)  # separated when upper's low end lies above lower's high end
+        return Comparison(est.value, est.low, est.high)
+    upper_low = upper["intervals"]["robust_accuracy"][0]
+    lower_high = lower["intervals"]["robust_accuracy"][1]
+    return Comparison(upper["robust_accuracy"] - lower["robust_accuracy"], overlap=upper_low <= lower_high)
 
 
 def order_key(entry: dict[str, Any]) -> tuple:

@@ -142,7 +142,7 @@ def model_page(e: dict[str, Any], siblings: list[dict[str, Any]], published: dic
         f"<h2>Per attack</h2><table><thead><tr><th class=\"l\">attack</th><th>robust %</th><th>95% CI</th></tr></thead>"
         f"<tbody>{rows}</tbody></table>\n{flag_table}<h2>Robustness curve</h2>{curve}\n{pub}"
         f"<h2>Provenance</h2><pre>{esc(json.dumps(prov, indent=1))}</pre>\n"
-        f"<details><summary>the suite config</summary><pre>{esc(json.dumps(e.get('config'), indent=1))}</pre></details>\n"
+        f"<p>The suite config and every number: <a href=\"../entries/{esc(entry_name(e))}.json\">the entry</a>.</p>\n"
         f"<h2>RobustBench model-info form</h2><pre>{esc(json.dumps(to_robustbench(e), indent=1))}</pre>"
     )
     slug = str(e.get("ranking") or ranking_key(e)).replace("/", "__")
