@@ -56,7 +56,7 @@ def test_the_real_entries_are_the_suites_entries():
 
     hashes = {load_config(p).hash() for p in lb.suite_files(REAL)}
     entries = lb.load_entries(REAL)
-    assert len(entries) == 17 and {e["config_hash"] for e in entries.values()} == hashes
+    assert len(entries) == 19 and {e["config_hash"] for e in entries.values()} == hashes
     for e in entries.values():
         if e["dataset"]["name"] == "digits":
             spec = {"name": e["model"]}
@@ -118,7 +118,7 @@ def test_the_gate_evaluates_shipped_weights_and_never_trains(tmp_path, monkeypat
     monkeypatch.setattr(zoo, "_train", fail)
     entries = lb.load_entries(REAL)
     config = load_config(REAL / "suite.yaml")
-    assert len(config.models) == 6
+    assert len(config.models) == 7
     for spec in config.models:
         raw = spec.model_dump(mode="json", by_alias=True)
         digest = model_digest(raw, load_model(raw))
@@ -135,15 +135,27 @@ def test_check_reports_missing_and_stale_entries(board, capsys):
 def test_entries_are_numbers_and_the_schema_round_trips():
     entries = lb.load_entries(REAL)
     models = ("digits-mlp", "digits-cnn", "digits-cnn-madry", "digits-cnn-fast", "digits-cnn-trades",
-              "digits-cnn-distillation", "mnist-cnn")
+              "digits-cnn-distillation", "digits-cnn-thermometer", "mnist-cnn")
     transforms = [f"digits-cnn__{d}__linf-0.1" for d in ("jpeg", "bit_depth", "randomization")]
     assert sorted(entries) == sorted([f"{m}__none__{t}" for m in models for t in ("linf-0.1", "l2-1")] + transforms)
-    for name in transforms:  # naive and adaptive attacks side by side; the adaptive worst case ranks
+    encoded = [f"digits-cnn-thermometer__none__{t}" for t in ("linf-0.1", "l2-1")]
+    for name in transforms + encoded:  # naive and adaptive attacks side by side; the adaptive worst case ranks
         e = entries.pop(name)
         adaptive = "+eot" if "randomization" in name else "+bpda"
-        assert {"pgd", f"pgd{adaptive}", "autoattack", f"autoattack{adaptive}"} <= set(e["attacks"]) and e["n"] == 100
+        assert {"pgd", f"pgd{adaptive}", "autoattack", f"autoattack{adaptive}"} <= set(e["attacks"])
+        assert e["n"] == (360 if name in encoded else 100)
         assert e["naive_robust_accuracy"] is not None and e["robust_accuracy"] <= e["naive_robust_accuracy"]
         assert e["robust_accuracy"] <= min(e["attacks"].values()) + 1e-12
+    for name in encoded:  # BPDA breaks what the encoding's zero gradient hides from the naive attacks
+        e = lb.load_entries(REAL)[name]
+        assert e["robust_accuracy"] < e["naive_robust_accuracy"] - 0.1
+        # the masking flags concern the naive attacks only: they explain the naive number; the
+        # ranked (adaptive) evaluation passed those checks, so RobustBench's form is not "unreliable"
+        assert {"grad_zero", "black_box"} <= set(e["naive_flags"]) and e["flags"] == []
+        assert all(d["naive"] for d in e["flag_details"]) and not lb.to_robustbench(e)["unreliable"]
+        assert "the naive attacks alone leave" in lb.to_robustbench(e)["footnote"] and "grad_zero" in lb.to_robustbench(e)["footnote"]
+    distilled = lb.load_entries(REAL)["digits-cnn-distillation__none__linf-0.1"]  # no adaptive view: flags rank
+    assert "grad_zero" in distilled["flags"] and distilled["naive_flags"] == []
     for name, e in entries.items():
         assert lb.entry_name(e) == name and e["schema_version"] == lb.SCHEMA_VERSION
         assert json.loads(lb.dumps(e)) == e
@@ -165,11 +177,19 @@ def test_the_readme_autoattack_table_is_the_entries():
     readme = (ROOT / "README.md").read_text()
     columns = ["pgd", "autoattack.apgd-ce", "autoattack.apgd-t", "autoattack.fab-t", "autoattack.square", "autoattack"]
     for name, e in lb.load_entries(REAL).items():
-        if not name.startswith("digits") or e["defense"] != "none":
-            continue
+        if not name.startswith("digits") or e["defense"] != "none" or e["naive_robust_accuracy"] is not None:
+            continue  # (the thermometer model's naive and BPDA rows: the sentence below the table)
         cells = [e["model"], f"{e['threat']['norm']} {e['threat']['eps']:g}", f"{100 * e['clean_accuracy']:.2f}",
                  *(f"{100 * e['attacks'][c]:.2f}" for c in columns)]
         assert "| " + " | ".join(cells) + " |" in readme, name
+    therm = {t: lb.load_entries(REAL)[f"digits-cnn-thermometer__none__{t}"] for t in ("linf-0.1", "l2-1")}
+    linf, l2 = therm["linf-0.1"], therm["l2-1"]
+    readme = " ".join(readme.split())
+    assert (f"naive PGD-20 leaves {100 * linf['attacks']['pgd']:.1f}% and naive AutoAttack "
+            f"{100 * linf['attacks']['autoattack']:.1f}%") in readme
+    assert f"through BPDA AutoAttack leaves {100 * linf['attacks']['autoattack+bpda']:.1f}%" in readme
+    assert (f"naive {100 * l2['naive_robust_accuracy']:.1f}%, adaptive {100 * l2['robust_accuracy']:.1f}%"
+            in readme)
 
 
 def test_validate_entry_rejects_strings_for_numbers():
@@ -222,7 +242,8 @@ def test_entries_carry_intervals_and_their_per_example_worst_case():
 
 
 def test_neighbours_are_compared_paired_on_the_same_examples():
-    undefended = {k: e for k, e in lb.load_entries(REAL).items() if e["defense"] == "none"}
+    undefended = {k: e for k, e in lb.load_entries(REAL).items()
+                  if e["defense"] == "none" and e["naive_robust_accuracy"] is None}
     rs = {r.key: r for r in lb.rankings(undefended)}
     linf = rs["digits/test/linf-0.1"]
     order = [e["model"] for e in linf.entries]
@@ -354,3 +375,15 @@ def test_a_finding_lands_on_the_entries_it_names():
     assert not _selects(f, "m", "none", "linf", 0.3) and not _selects(f, "m", "none", "l2", 0.1)
     assert not _selects(f, "other", "none", "linf", 0.1) and not _selects(f, "m", "jpeg", "linf", 0.1)
     assert _selects({"code": "probs", "where": {"model": "m", "defense": "none"}}, "m", "none", "l2", 1.0)
+
+
+def test_a_flag_on_naive_attacks_only_does_not_flag_an_adaptive_entry():
+    from advbench.leaderboard.entries import _naive_only
+
+    naive = {"code": "grad_zero", "where": {"attack": ["fgsm", "pgd", "autoattack.apgd-ce"]}}
+    assert _naive_only(naive, adaptive=True)
+    assert not _naive_only(naive, adaptive=False)  # no adaptive view ran: the flag is on the ranked number
+    assert not _naive_only({"code": "black_box", "where": {"attack": ["pgd", "pgd+bpda"]}}, adaptive=True)
+    assert not _naive_only({"code": "unstable_predictions", "where": {}}, adaptive=True)  # the whole cell
+    assert _naive_only({"code": "suboptimal_minimal", "where": {"attack": "deepfool"}}, adaptive=True)
+    assert not _naive_only({"code": "suboptimal_minimal", "where": {"attack": "deepfool+eot"}}, adaptive=True)

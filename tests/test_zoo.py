@@ -15,11 +15,14 @@ import torch
 from advbench.data.base import ImageData
 from advbench.errors import UnknownNameError
 from advbench.zoo import reference as zoo
+from advbench.defenses.base import DefendedModel, adaptive, needs_adaptive
+from advbench.models.architectures import classifier_of
 from advbench.models.layers import Normalize
 from advbench.registry import MODELS
 
 ZOO_NAMES = ["digits-mlp", "digits-cnn", "mnist-cnn", "cifar10-cnn", "digits-cnn-madry", "digits-cnn-fast",
-             "digits-cnn-trades", "digits-cnn-distillation"]
+             "digits-cnn-trades", "digits-cnn-distillation", "digits-cnn-thermometer"]
+DEFENDED = ["digits-cnn-madry", "digits-cnn-fast", "digits-cnn-trades", "digits-cnn-distillation", "digits-cnn-thermometer"]
 DIGITS = ["digits-mlp", "digits-cnn"]
 
 
@@ -60,7 +63,7 @@ def use_digits_cache(digits_cache, monkeypatch) -> Path:
 
 # ---------------------------------------------------------------------------- shipped reference checkpoints
 SHIPPED = {"digits-mlp": None, "digits-cnn": None, "mnist-cnn": str(Path(__file__).resolve().parents[2] / "shared" / "data"),
-           "cifar10-cnn": None}
+           "cifar10-cnn": None, **dict.fromkeys(DEFENDED)}
 
 
 @pytest.mark.parametrize("name", list(SHIPPED))
@@ -115,12 +118,46 @@ def test_architecture_gives_logits(name):
     spec = zoo.ZOO[name]
     model = MODELS.create(name, pretrained=False)
     assert not model.training
-    assert isinstance(next(iter(model.children())), Normalize)  # normalization inside: [0, 1] input
+    # normalization inside: [0, 1] input (behind an encoding's stages, the classifier's first layer)
+    assert isinstance(next(iter(classifier_of(model).children())), Normalize)
     x = torch.rand(3, *spec.input_shape, requires_grad=True)
-    out = model(x)
+    out = adaptive(model)(x)  # the BPDA view of a non-differentiable encoding; the model itself otherwise
     assert out.shape == (3, 10) and out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert torch.equal(out, model(x))  # BPDA's forward is the real model's
     out.sum().backward()  # differentiable w.r.t. the input, as white-box attacks need
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_the_thermometer_model_ships_as_its_deployed_encoding(digits_test, monkeypatch):
+    """A zoo recipe that deploys a defense stage ships the whole deployed model: the real
+    (non-differentiable) 16-level thermometer code in front of a classifier on 16 channels, so
+    the evaluator sees the stage, attacks it naively and through BPDA, and its card's accuracy is
+    the encoded model's own."""
+    monkeypatch.delenv(zoo.SHIPPED_ENV, raising=False)
+    model = MODELS.create("digits-cnn-thermometer")
+    assert isinstance(model, DefendedModel) and needs_adaptive(model) and not model.differentiable
+    assert [type(s).__name__ for s in model.stages] == ["Thermometer"] and model.stages[0].levels == 16
+    assert model.classifier.conv1.in_channels == 16
+    card = model.advbench_card
+    assert card["recipe"]["method"] == "thermometer" and card["normalization"] == {"mean": [0.5], "std": [0.5]}
+    assert card["architecture"].startswith("Thermometer(levels=16) -> CNN")
+    x = digits_test.x.clone().requires_grad_(True)
+    logits = model(x)
+    assert int((logits.argmax(1) == digits_test.y).sum()) == card["eval_correct"] and card["clean_accuracy"] > 0.95
+    logits.sum().backward()  # the real code is piecewise constant: no input gradient reaches x
+    assert x.grad is None or not x.grad.any()
+
+
+def test_an_encoding_recipe_round_trips_through_the_cache(cache, monkeypatch):
+    """Trained on a miss (one epoch here), saved, and loaded back into the same deployed module tree."""
+    spec = zoo.ZOO["digits-cnn-thermometer"]
+    monkeypatch.setitem(zoo.ZOO, spec.name, dataclasses.replace(spec, recipe=dataclasses.replace(spec.recipe, epochs=1)))
+    trained = MODELS.create(spec.name)
+    monkeypatch.setattr(zoo, "_train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained twice")))
+    loaded = MODELS.create(spec.name)
+    assert isinstance(loaded, DefendedModel) and loaded.advbench_card == trained.advbench_card
+    x = torch.rand(5, *spec.input_shape)
+    assert torch.equal(trained(x), loaded(x))
 
 
 def test_unknown_zoo_name_suggests():

@@ -27,6 +27,8 @@ Entry schema, version 3 (numbers are JSON numbers, accuracies are fractions in [
                      the worst case over the naive attacks only (the adaptive number ranks)
     flags            the gradient-masking / attack-failure codes raised for this model, defense and
                      threat; ``flag_details`` what each saw and what to try
+    naive_flags      of an entry attacked adaptively, the codes raised on its naive attacks only
+                     (why the naive number is wrong; ``flags`` are those on the ranked evaluation)
     source           ``suite`` (measured by a suite: the gate reruns it) or ``added`` (by
                      ``advbench leaderboard add RUN_DIR``: kept, not rerun)
 
@@ -130,6 +132,14 @@ def _selects(finding: dict[str, Any], model: str, defense: str, norm: str, eps: 
     return holds("model", model) and holds("defense", defense) and holds("norm", norm) and holds("eps", eps)
 
 
+def _naive_only(finding: dict[str, Any], adaptive: bool) -> bool:
+    """Whether a finding concerns only the naive attacks of an entry whose ranked number includes
+    adaptive (BPDA / EoT) views: it says why the naive number is wrong, not that the ranked one is."""
+    attacks = (finding.get("where") or {}).get("attack")
+    attacks = [attacks] if isinstance(attacks, str) else attacks or []
+    return adaptive and bool(attacks) and not any(is_adaptive(str(a)) for a in attacks)
+
+
 def encode_examples(robust: np.ndarray) -> str | list[float]:
     """Per-example scores as a 0/1 string (a list of floats when some are fractional)."""
     if np.all((robust == 0) | (robust == 1)):
@@ -201,9 +211,11 @@ def entries_from_table(table: Any, config: Any, masking: dict[str, Any] | None =
         entry["naive_robust_accuracy"] = (float(rec["naive"]["robust"].mean()) if adaptive and "naive" in rec
                                           else None)
         mine = [f for f in findings if _selects(f, str(model), str(defense), str(norm), float(eps))]
-        entry["flags"] = sorted({str(f.get("code")) for f in mine})
+        naive = [_naive_only(f, adaptive) for f in mine]
+        entry["flags"] = sorted({str(f.get("code")) for f, n in zip(mine, naive) if not n})
+        entry["naive_flags"] = sorted({str(f.get("code")) for f, n in zip(mine, naive) if n})
         entry["flag_details"] = [{"code": str(f.get("code")), "seen": str(f.get("seen", "")),
-                                  "try": str(f.get("try", ""))} for f in mine]
+                                  "try": str(f.get("try", "")), "naive": n} for f, n in zip(mine, naive)]
         entry["source"] = source
         out.append(entry)
     return out

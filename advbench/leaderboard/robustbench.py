@@ -52,10 +52,14 @@ def to_robustbench(entry: dict[str, Any]) -> dict[str, Any]:
     # defended model the adaptive AutoAttack is the number that counts
     auto = [attacks[label + view] for label in _standard_autoattack_labels(entry)
             for view in ("", "+bpda", "+eot", "+bpda+eot") if label + view in attacks]
-    footnote = None
+    notes = []
     if not auto:
-        footnote = (f"advbench worst case over {', '.join(sorted(attacks))}: "
-                    f"{pct(entry['robust_accuracy'])}% (not AutoAttack)")
+        notes.append(f"advbench worst case over {', '.join(sorted(attacks))}: "
+                     f"{pct(entry['robust_accuracy'])}% (not AutoAttack)")
+    if entry.get("naive_flags"):
+        notes.append(f"evaluated adaptively (BPDA / EoT); the naive attacks alone leave "
+                     f"{pct(entry['naive_robust_accuracy'])}% and were flagged {', '.join(entry['naive_flags'])}")
+    footnote = "; ".join(notes) or None
     return {
         "link": None,
         "name": f"{entry['model']} ({entry['defense']})",

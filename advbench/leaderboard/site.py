@@ -44,6 +44,12 @@ def _cell(text: str, value: Any, left: bool = False) -> str:
     return f"<td{cls} data-value=\"{esc(str(value))}\">{text}</td>"
 
 
+def _flag_text(e: dict[str, Any]) -> str:
+    """The flags of the ranked evaluation, then those of the naive attacks only, marked so."""
+    naive = e.get("naive_flags") or []
+    return ", ".join([*(e.get("flags") or []), *(f"{f} (naive)" for f in naive)])
+
+
 def ranking_page(r: Ranking) -> str:
     head = [("#", "num", False), ("model", "text", True), ("defense", "text", True),
             ("robust % [95% CI]", "num", False), ("naive robust %", "num", False), ("AutoAttack %", "num", False),
@@ -55,7 +61,7 @@ def ranking_page(r: Ranking) -> str:
         comp = r.comparisons[i] if i < len(r.comparisons) else None
         name = entry_name(e)
         aa = _autoattack(e)
-        flags = ", ".join(e.get("flags") or [])
+        flags = _flag_text(e)
         cells = [
             _cell(str(i + 1), i + 1),
             _cell(f'<a href="../models/{esc(name)}.html">{esc(e["model"])}</a>', e["model"], True),
@@ -118,10 +124,18 @@ def model_page(e: dict[str, Any], siblings: list[dict[str, Any]], published: dic
              "robustness curve is drawn (a curve needs two or more).</p>")
     flags = e.get("flags") or []
     flag_text = ", ".join(f'<span class="flag">{esc(f)}</span>' for f in flags) if flags else "none raised"
+    naive_flags = e.get("naive_flags") or []
+    naive_text = ", ".join(f'<span class="flag">{esc(f)}</span>' for f in naive_flags)
     details = e.get("flag_details") or []
-    flag_table = ("<h2>Flags: what was seen, what to try</h2><table><thead><tr><th class=\"l\">code</th>"
+    flag_table = ("<h2>Flags: what was seen, what to try</h2>"
+                  + ("<p>Flags marked <em>naive</em> were raised on the naive attacks only: they say why the "
+                     "naive number is wrong; the ranked number includes the adaptive attacks, which passed "
+                     "those checks.</p>" if naive_flags else "")
+                  + "<table><thead><tr><th class=\"l\">code</th><th class=\"l\">attacks</th>"
                   "<th class=\"l\">seen</th><th class=\"l\">try</th></tr></thead><tbody>"
-                  + "".join(f"<tr><td class=\"l flag\">{esc(d['code'])}</td><td class=\"l\">{esc(d['seen'])}</td>"
+                  + "".join(f"<tr><td class=\"l flag\">{esc(d['code'])}</td>"
+                            f"<td class=\"l\">{'naive' if d.get('naive') else 'ranked'}</td>"
+                            f"<td class=\"l\">{esc(d['seen'])}</td>"
                             f"<td class=\"l\">{esc(d['try'])}</td></tr>" for d in details)
                   + "</tbody></table>\n") if details else ""
     pub = ""
@@ -138,7 +152,10 @@ def model_page(e: dict[str, Any], siblings: list[dict[str, Any]], published: dic
         f"<tr><th class=\"l\">robust accuracy (worst case)</th><td>{_ci(e, 'robust_accuracy')} %</td></tr>"
         + (f"<tr><th class=\"l\">naive robust accuracy</th><td>{_p(e['naive_robust_accuracy'])} %</td></tr>"
            if e.get("naive_robust_accuracy") is not None else "")
-        + f"<tr><th class=\"l\">flags</th><td class=\"l\">{flag_text}</td></tr></table>\n"
+        + f"<tr><th class=\"l\">flags</th><td class=\"l\">{flag_text}</td></tr>"
+        + (f"<tr><th class=\"l\">flags of the naive attacks</th><td class=\"l\">{naive_text}</td></tr>"
+           if naive_flags else "")
+        + "</table>\n"
         f"<h2>Per attack</h2><table><thead><tr><th class=\"l\">attack</th><th>robust %</th><th>95% CI</th></tr></thead>"
         f"<tbody>{rows}</tbody></table>\n{flag_table}<h2>Robustness curve</h2>{curve}\n{pub}"
         f"<h2>Provenance</h2><pre>{esc(json.dumps(prov, indent=1))}</pre>\n"
@@ -192,7 +209,7 @@ def markdown(rs: list[Ranking], tolerance: float) -> str:
             comp = r.comparisons[i] if i < len(r.comparisons) else None
             lines.append(f"| {i + 1} | {e['model']} | {e['defense']} | {_ci(e, 'robust_accuracy')} | "
                          f"{_p(e.get('naive_robust_accuracy'))} | {_p(_autoattack(e))} | {_ci(e, 'clean_accuracy')} | "
-                         f"{comp.text() if comp else ''} | {', '.join(e.get('flags') or [])} | {e['n']} |")
+                         f"{comp.text() if comp else ''} | {_flag_text(e)} | {e['n']} |")
         lines.append("")
     if not rs:
         lines.append("(no entries yet: run `advbench leaderboard update`)")

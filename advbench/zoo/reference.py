@@ -58,10 +58,11 @@ from torch import nn
 from advbench.data.base import ImageData
 from advbench.data.mnist import find_idx_pair
 from advbench.data.paths import cache_dir, data_root
+from advbench.defenses.base import DefendedModel
 from advbench.errors import ConfigError, DataError, unknown_name
 from advbench.files import atomic_write, file_lock
 from advbench.models import architectures
-from advbench.models.layers import count_parameters
+from advbench.models.layers import Normalize, count_parameters
 from advbench.registry import DATASETS, MODELS
 from advbench.tensors import num_threads
 from advbench.training.config import TrainConfig
@@ -203,7 +204,8 @@ _add(ZooSpec("digits-cnn", Recipe("digits", "train", "test", epochs=15, batch_si
 for _method, _params in (("madry", (("eps", 0.1), ("steps", 10), ("random_start", True))),
                          ("fast", (("eps", 0.1),)),
                          ("trades", (("eps", 0.1), ("steps", 10), ("beta", 6.0))),
-                         ("distillation", (("temperature", 100.0),))):
+                         ("distillation", (("temperature", 100.0),)),
+                         ("thermometer", (("levels", 16),))):
     _add(ZooSpec(f"digits-cnn-{_method}", Recipe("digits", "train", "test", epochs=15, batch_size=64, optimizer="adam",
                                                  lr=3e-3, seed=0, method=_method, method_params=_params),
                  arch="digits-cnn"))
@@ -296,9 +298,22 @@ def card_path(name: str, root: str | None = None) -> Path:
 
 def build(name: str, *, seed: int | None = None) -> nn.Module:
     """A freshly initialized (untrained) ``name``, in eval mode; ``seed`` (default: the recipe's)
-    fixes the initialization."""
+    fixes the initialization.
+
+    A recipe that deploys defense stages (``thermometer``) gives the deployed model: its stages in
+    front of a classifier widened to the encoding's channels, the module tree the training loop
+    saved (so the shipped state dict loads into it)."""
     spec = get_spec(name)
-    return architectures.build(spec.arch or name, seed=spec.recipe.seed if seed is None else seed)
+    seed = spec.recipe.seed if seed is None else seed
+    arch = spec.arch or name
+    method = make_recipe(spec.recipe.method, dict(spec.recipe.method_params))
+    stages = method.stages()
+    in_channels = method.in_channels(spec.input_shape[0])
+    if not stages and in_channels is None:
+        return architectures.build(arch, seed=seed)
+    classifier = architectures.build_classifier(arch, seed=seed, in_channels=in_channels).eval()
+    built = [architectures.build_stage(s) for s in stages]
+    return (DefendedModel(built, classifier) if built else classifier).eval()
 
 
 def load_zoo_model(name: str, pretrained: bool = True, root: str | None = None) -> nn.Module:
@@ -395,7 +410,7 @@ def _read_entry(name: str, recipe: Recipe, pt: Path, *, load_weights: bool) -> t
         if not load_weights:
             return None, card
         state = torch.load(pt, map_location="cpu", weights_only=True)
-        model = architectures.build(get_spec(name).arch or name)
+        model = build(name)
         model.load_state_dict(state)
     except Exception as exc:  # noqa: BLE001 - any damage to the cache means: train again
         warnings.warn(
@@ -457,7 +472,7 @@ def _train(name: str, recipe: Recipe, note: str, root: str | None) -> tuple[nn.M
     h = recipe_hash(name, recipe)
     card = ModelCard(
         name=name,
-        architecture=arch.description,
+        architecture=_deployed_description(model, arch.description),
         input_shape=arch.input_shape,
         num_classes=arch.num_classes,
         dataset=recipe.dataset,
@@ -476,10 +491,27 @@ def _train(name: str, recipe: Recipe, note: str, root: str | None) -> tuple[nn.M
         train_seconds=round(loop.seconds, 3),
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         weights_file=f"{name}-{h}.pt",
-        normalization={"mean": list(arch.mean), "std": list(arch.std)},
+        normalization=_normalization(model, arch),
         data_note=note,
     )
     return model, card
+
+
+def _deployed_description(model: nn.Module, description: str) -> str:
+    """The architecture as deployed: the stages in front of the network, when it has any."""
+    if not isinstance(model, DefendedModel):
+        return description
+    stages = " -> ".join(repr(s) for s in model.stages)
+    return f"{stages} -> {description}, its input layer taking the encoding's channels"
+
+
+def _normalization(model: nn.Module, arch: architectures.Architecture) -> dict[str, list[float]]:
+    """The classifier's input statistics: the architecture's, or those of the leading Normalize
+    layer an encoding recipe put in their place (0.5, 0.5: bits to {-1, 1})."""
+    if not isinstance(model, DefendedModel):
+        return {"mean": list(arch.mean), "std": list(arch.std)}
+    norm = next(m for m in model.classifier.modules() if isinstance(m, Normalize))
+    return {k: [round(v, 6) for v in t.flatten().tolist()] for k, t in (("mean", norm.mean), ("std", norm.std))}
 
 
 # ---------------------------------------------------------------------------- registration
