@@ -10,16 +10,30 @@ are reported, and the clean input stands in for them wherever an example is used
 
 A targeted goal is met only where the target differs from the label: an example already of the
 target class cannot be attacked toward it, so reaching "its" target at distance 0 is no success.
+
+The axes beyond the Lp ball (:mod:`advbench.threat`) are checked per example too:
+
+- ``region``: nothing may change outside the example's square (its corner, for ``fixed`` and
+  ``random`` locations, is given; for ``any`` the changed pixels must fit in one square);
+- ``scope: universal``: the attack hands over the one perturbation it claims (an additive
+  ``delta``, or a patch's content under a region), which must lie in the budget itself, and every
+  example must be exactly that perturbation applied to its clean input (per class with
+  ``shared_by: class``): a perturbation that is not really shared fails the audit;
+- ``perceptual``: the example's SSIM to its clean input must be at least the bound;
+- ``physical``: the goal must be met by the model's predictions on the transformation of the
+  image that counts, in all (or a strict majority of) the transformation's seeded draws.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from advbench.threat import ThreatModel, quantize_8bit
+from advbench.similarity import ssim
+from advbench.threat import Region, Scope, ThreatModel, quantize_8bit
 
 
 @dataclass(frozen=True)
@@ -29,6 +43,10 @@ class AuditReport:
     pred_adv: torch.Tensor  # (N,) long: the model's prediction on the image that counts
     quantization_failures: torch.Tensor  # (N,) bool: valid and adversarial before 8-bit rounding, not after
     x_scored: torch.Tensor  # the image that counts per example: x_adv (8-bit rounded if asked), x where invalid
+    #: per example, the SSIM of x_adv to x (threat models with a perceptual bound only)
+    ssim: torch.Tensor | None = None
+    #: per example, the share of the physical transformation's draws in which the goal is met
+    physical_share: torch.Tensor | None = None
 
     @property
     def success(self) -> torch.Tensor:
@@ -90,9 +108,20 @@ def audit(
     y: torch.Tensor,
     threat: ThreatModel,
     target: torch.Tensor | None = None,
+    *,
+    corners: torch.Tensor | None = None,
+    universal: torch.Tensor | None = None,
 ) -> AuditReport:
-    """Check ``x_adv`` against ``threat`` and recompute success from ``model``'s predictions."""
+    """Check ``x_adv`` against ``threat`` and recompute success from ``model``'s predictions.
+
+    ``corners`` (N, 2): each example's region corner (row, col), for a region located ``fixed``
+    or ``random``; ``universal``: the shared perturbation of a universal threat model (see
+    :func:`apply_universal`)."""
     valid = threat.contains(x_adv, x)
+    if threat.region is not None:
+        valid &= inside_region(x_adv, x, threat.region, corners)
+    if threat.scope is Scope.UNIVERSAL:
+        valid &= shared(x_adv, x, y, threat, universal, corners)
     # A violating example is replaced by its clean input: it never reaches the model (no NaN),
     # and the prediction that counts for it is the clean one.
     safe = torch.where(_rows(valid, x), x_adv, x)
@@ -102,9 +131,132 @@ def audit(
         before = goal_met(predict(model, safe), y, target) & valid
         valid &= threat.contains(rounded, x)
         safe = torch.where(_rows(valid, x), rounded, x)
-    pred = predict(model, safe)
-    adversarial = goal_met(pred, y, target) & valid
+    similarity = None
+    if threat.perceptual is not None:
+        similarity = ssim(safe, x, data_range=threat.bounds[1] - threat.bounds[0]).to(x.device)
+        valid &= similarity >= threat.perceptual.ssim
+        safe = torch.where(_rows(valid, x), safe, x)
+    share = None
+    if threat.physical is not None:
+        pred, share = physical_predictions(model, safe, y, threat, target)
+        met = share == 1 if threat.physical.rule == "all" else share > 0.5
+        adversarial = met & valid
+    else:
+        pred = predict(model, safe)
+        adversarial = goal_met(pred, y, target) & valid
     if threat.quantize == "8bit":
         quant_fail = before & valid & ~adversarial
     return AuditReport(valid=valid, adversarial=adversarial, pred_adv=pred, quantization_failures=quant_fail,
-                       x_scored=safe)
+                       x_scored=safe, ssim=similarity, physical_share=share)
+
+
+# ---------------------------------------------------------------------- regions
+def region_corners(threat: ThreatModel, n: int, height: int, width: int,
+                   generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """Each example's region corner (N, 2) (row, col): the fixed one, or drawn uniformly among
+    the corners that keep the square inside the image (from ``generator``); None for ``any``."""
+    region = threat.region
+    if region is None or region.location == "any":
+        return None
+    region.check_fits(height, width)
+    if region.location == "fixed":
+        return torch.tensor([list(region.at)], dtype=torch.long, device=device).expand(n, 2).clone()
+    rows = torch.randint(0, height - region.size + 1, (n,), generator=generator, device="cpu")
+    cols = torch.randint(0, width - region.size + 1, (n,), generator=generator, device="cpu")
+    return torch.stack([rows, cols], dim=1).to(device)
+
+
+def region_mask(corners: torch.Tensor, size: int, height: int, width: int) -> torch.Tensor:
+    """(N, 1, H, W) bool: True inside each example's ``size`` x ``size`` square at ``corners``."""
+    r = torch.arange(height, device=corners.device).view(1, height, 1)
+    c = torch.arange(width, device=corners.device).view(1, 1, width)
+    r0, c0 = corners[:, 0].view(-1, 1, 1), corners[:, 1].view(-1, 1, 1)
+    inside = (r >= r0) & (r < r0 + size) & (c >= c0) & (c < c0 + size)
+    return inside.unsqueeze(1)
+
+
+def inside_region(x_adv: torch.Tensor, x: torch.Tensor, region: Region, corners: torch.Tensor | None) -> torch.Tensor:
+    """Per example, whether every changed pixel lies inside its square (NCHW). For ``any``: the
+    bounding box of the changed pixels is at most ``size`` on each side."""
+    if x.dim() != 4:
+        return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)  # a region needs images
+    changed = (torch.nan_to_num(x_adv, nan=math.inf) != x).any(dim=1)  # (N, H, W)
+    n, h, w = changed.shape
+    if corners is not None:
+        mask = region_mask(corners, region.size, h, w)[:, 0]
+        return ~(changed & ~mask).flatten(1).any(dim=1)
+    rows_any, cols_any = changed.any(dim=2), changed.any(dim=1)  # (N, H), (N, W)
+    return (_extent(rows_any) <= region.size) & (_extent(cols_any) <= region.size)
+
+
+def _extent(hit: torch.Tensor) -> torch.Tensor:
+    """Per row of a bool matrix, last True index - first True index + 1 (0 where none is True)."""
+    idx = torch.arange(hit.shape[1], device=hit.device)
+    first = torch.where(hit, idx, hit.shape[1]).amin(dim=1)
+    last = torch.where(hit, idx, -1).amax(dim=1)
+    return (last - first + 1).clamp_min(0)
+
+
+# ---------------------------------------------------------------------- universal perturbations
+def apply_universal(x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, universal: torch.Tensor,
+                    corners: torch.Tensor | None = None) -> torch.Tensor:
+    """Every example with the shared perturbation: ``clip(x + delta)`` (``universal`` (1, C, H, W),
+    or (K, C, H, W) indexed by the label with ``shared_by: class``), or under a region the patch
+    ``universal`` (1 or K, C, S, S) pasted at each example's corner."""
+    pick = universal[y] if threat.shared_by == "class" else universal.expand(x.shape[0], *universal.shape[1:])
+    if threat.region is None:
+        return threat.clip(x + pick.to(x.dtype))
+    if corners is None:
+        raise ValueError("a universal patch needs each example's corner")
+    s = threat.region.size
+    n, _, h, w = x.shape
+    mask = region_mask(corners, s, h, w)
+    canvas = torch.zeros_like(x)
+    r = corners[:, 0].view(n, 1, 1) + torch.arange(s, device=x.device).view(1, s, 1)
+    c = corners[:, 1].view(n, 1, 1) + torch.arange(s, device=x.device).view(1, 1, s)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1)
+    canvas.permute(0, 2, 3, 1)[batch, r, c] = pick.to(x.dtype).permute(0, 2, 3, 1)
+    return torch.where(mask, canvas, x)
+
+
+def shared(x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
+           universal: torch.Tensor | None, corners: torch.Tensor | None) -> torch.Tensor:
+    """Per example, whether ``x_adv`` is exactly the claimed universal perturbation applied to
+    ``x``, and that perturbation is finite and in budget (False everywhere without one)."""
+    n = x.shape[0]
+    if universal is None or not isinstance(universal, torch.Tensor) or universal.dim() != x.dim():
+        return torch.zeros(n, dtype=torch.bool, device=x.device)
+    rows_needed = int(y.max()) + 1 if threat.shared_by == "class" else 1
+    if universal.shape[0] < rows_needed or (threat.shared_by != "class" and universal.shape[0] != 1):
+        return torch.zeros(n, dtype=torch.bool, device=x.device)
+    expected = (x.shape[1], threat.region.size, threat.region.size) if threat.region is not None else tuple(x.shape[1:])
+    if tuple(universal.shape[1:]) != expected or not bool(torch.isfinite(universal).all()):
+        return torch.zeros(n, dtype=torch.bool, device=x.device)
+    universal = universal.to(x.device)
+    if threat.region is None:  # the perturbation itself in the ball (about the zero image)
+        zero = torch.zeros_like(universal)
+        budget_ok = ThreatModel(norm=threat.norm, eps=threat.eps, bounds=(-1e30, 1e30)).contains(universal, zero)
+    else:  # the patch's pixels are image values
+        budget_ok = threat.in_bounds(universal)
+    ok = budget_ok[y] if threat.shared_by == "class" else budget_ok.expand(n)
+    same = (apply_universal(x, y, threat, universal, corners) == x_adv).flatten(1).all(dim=1)
+    return ok & same
+
+
+# ---------------------------------------------------------------------- physical feed
+def physical_predictions(model: nn.Module, x_scored: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
+                         target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's predictions on the physical transformation of each image (the first draw's)
+    and, per example, the share of ``draws`` seeded draws in which the goal is met."""
+    phys = threat.physical
+    assert phys is not None
+    transform = phys.build()
+    g = torch.Generator(device="cpu").manual_seed(phys.seed)
+    met = torch.zeros(x_scored.shape[0], dtype=torch.float64, device=x_scored.device)
+    first = None
+    for _ in range(phys.draws):
+        seen = transform(x_scored, g)
+        pred = predict(model, seen)
+        first = pred if first is None else first
+        met += goal_met(pred, y, target).double()
+    return first, met / phys.draws

@@ -62,6 +62,12 @@ class ThreatSpec(_Strict):
     knowledge: str = "white_box"
     query_budget: int | None = None
     quantize: str | None = None
+    # the axes beyond the Lp ball (advbench.threat): absent from the hash while unset
+    scope: str = "individual"
+    shared_by: str | None = None
+    region: dict[str, Any] | None = None
+    perceptual: dict[str, Any] | None = None
+    physical: dict[str, Any] | None = None
     #: each eps as the config wrote it (``8/255``), for table headers; not part of the identity
     _written: tuple[str, ...] = PrivateAttr(default=())
 
@@ -242,6 +248,11 @@ class BenchmarkConfig(_Strict):
     def canonical(self) -> dict[str, Any]:
         """What identifies the run's results: every field but where the jobs ran (the executor)."""
         d = self.model_dump(mode="json", by_alias=True, exclude={"executor"})
+        for threat in d["threats"]:  # a threat without the newer axes keeps the hash it had
+            for key, default in (("scope", "individual"), ("shared_by", None), ("region", None),
+                                 ("perceptual", None), ("physical", None)):
+                if threat.get(key) == default:
+                    threat.pop(key, None)
         for key, default in (("analysis", None), ("channels_last", False)):
             if d.get(key) == default:  # configs without it keep the hashes (and stored runs) they had
                 d.pop(key, None)
@@ -300,6 +311,12 @@ def validate_names(config: BenchmarkConfig) -> None:
                 make_transformation(t)
             except AdvbenchError as exc:  # an unknown name or a bad parameter
                 raise ConfigError(f"analysis.destruction: {exc}") from None
+    for tm in config.threat_models():
+        if tm.physical is not None:
+            try:
+                tm.physical.build()
+            except AdvbenchError as exc:  # an unknown transformation or a bad parameter
+                raise ConfigError(f"threat physical: {exc}") from None
     for spec in config.attacks:
         attack = ATTACKS.create(spec.name, **spec.params)
         if spec.norms is not None:

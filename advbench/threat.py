@@ -41,6 +41,11 @@ class Targeting(str, Enum):
     LEAST_LIKELY = "least_likely"  # argmin_y p(y | x) on the clean input
 
 
+class Scope(str, Enum):
+    INDIVIDUAL = "individual"  # a perturbation per example
+    UNIVERSAL = "universal"  # one perturbation shared by every example (or by every example of a class)
+
+
 class Knowledge(str, Enum):
     WHITE_BOX = "white_box"  # logits and gradients
     SCORE_BASED = "score_based"  # probabilities only, counted queries
@@ -56,6 +61,153 @@ def _enum(cls: type[Enum], value: Any, what: str) -> Any:
     except ValueError:
         allowed = ", ".join(m.value for m in cls)  # type: ignore[attr-defined]
         raise ConfigError(f"unknown {what} {value!r}; allowed: {allowed}") from None
+
+
+REGION_LOCATIONS = ("fixed", "random", "any")
+PHYSICAL_RULES = ("all", "majority")
+
+
+@dataclass(frozen=True)
+class Region:
+    """Where the attacker may change the image: a ``size`` x ``size`` square of pixels (all channels).
+
+    ``location``: ``fixed`` (top-left corner ``at`` = (row, col), the same for every example),
+    ``random`` (a corner drawn uniformly per example from the evaluation's generator, told to the
+    attacker; the placement of Brown et al.'s patch at test time), or ``any`` (the attacker picks
+    the square per example: the audit accepts any change whose changed pixels fit in one square).
+    Inside the square the threat model's norm and eps apply (``unbounded``: any value in the
+    bounds, a patch); outside it nothing may change."""
+
+    size: int
+    location: str = "any"
+    at: tuple[int, int] | None = None
+    shape: str = "square"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if self.shape != "square":
+            raise ConfigError(f"region shape must be 'square', got {self.shape!r}")
+        set_(self, "size", check_whole(self.size, "region size (pixels)", 1))
+        if self.location not in REGION_LOCATIONS:
+            raise ConfigError(f"region location must be one of {', '.join(REGION_LOCATIONS)}, got {self.location!r}")
+        if self.location == "fixed":
+            if self.at is None:
+                raise ConfigError("region location 'fixed' needs at: [row, col], the square's top-left pixel")
+            try:
+                row, col = self.at
+            except (TypeError, ValueError):
+                raise ConfigError(f"region at must be [row, col], got {self.at!r}") from None
+            set_(self, "at", (check_whole(row, "region at row", 0), check_whole(col, "region at col", 0)))
+        elif self.at is not None:
+            raise ConfigError(f"region at is only allowed with location 'fixed', not {self.location!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"shape": self.shape, "size": self.size, "location": self.location}
+        if self.at is not None:
+            d["at"] = list(self.at)
+        return d
+
+    def check_fits(self, height: int, width: int) -> None:
+        """A ConfigError when the square (at its fixed corner) does not fit an image of this size."""
+        if self.size > min(height, width):
+            raise ConfigError(f"region size {self.size} does not fit {height}x{width} images")
+        if self.at is not None and (self.at[0] + self.size > height or self.at[1] + self.size > width):
+            raise ConfigError(f"region at {list(self.at)} with size {self.size} leaves the {height}x{width} image")
+
+    def label(self) -> str:
+        where = f"{self.at[0]},{self.at[1]}" if self.at is not None else self.location
+        return f"square{self.size}@{where}"
+
+
+@dataclass(frozen=True)
+class Perceptual:
+    """An imperceptibility bound other than a norm: ``ssim``, the least structural similarity
+    (scikit-image's ``structural_similarity``, as the blind-spot tables compute it) an example
+    may have to its clean input."""
+
+    ssim: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ssim", check_number(self.ssim, "perceptual ssim", low=0, high=1))
+        if self.ssim <= 0:
+            raise ConfigError(f"perceptual ssim must lie in (0, 1], got {self.ssim}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ssim": self.ssim}
+
+    def label(self) -> str:
+        return f"ssim{self.ssim:g}"
+
+
+@dataclass(frozen=True)
+class Physical:
+    """A physical data feed: what the model sees is ``transform`` (a registered destruction-rate
+    transformation, by name or ``{name, params}``) of the example, drawn ``draws`` times (its
+    randomness from a generator seeded by ``seed``). ``rule``: the example counts only if it is
+    adversarial after ``all`` draws, or after a strict ``majority`` of them."""
+
+    transform: str
+    params: tuple[tuple[str, Any], ...] = ()
+    draws: int = 8
+    rule: str = "all"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if not isinstance(self.transform, str) or not self.transform:
+            raise ConfigError(f"physical transform must be a registered transformation's name, got {self.transform!r}")
+        set_(self, "params", tuple(sorted(dict(self.params).items())))
+        set_(self, "draws", check_whole(self.draws, "physical draws", 1))
+        set_(self, "seed", check_whole(self.seed, "physical seed", 0))
+        if self.rule not in PHYSICAL_RULES:
+            raise ConfigError(f"physical rule must be one of {', '.join(PHYSICAL_RULES)}, got {self.rule!r}")
+
+    @classmethod
+    def parse(cls, value: Any) -> Physical:
+        if isinstance(value, Physical):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"physical must be a mapping {{transform: NAME, draws: N, rule: all|majority}}, got {value!r}")
+        unknown = set(value) - {"transform", "draws", "rule", "seed"}
+        if unknown:
+            raise ConfigError(f"unknown physical field(s) {sorted(unknown)}; allowed: draws, rule, seed, transform")
+        spec = value.get("transform")
+        if isinstance(spec, dict):
+            params = {k: v for k, v in spec.items() if k != "name"}
+            spec = spec.get("name")
+        else:
+            params = {}
+        return cls(transform=spec, params=tuple(params.items()), **{k: value[k] for k in ("draws", "rule", "seed") if k in value})
+
+    def to_dict(self) -> dict[str, Any]:
+        transform: Any = {"name": self.transform, **dict(self.params)} if self.params else self.transform
+        return {"transform": transform, "draws": self.draws, "rule": self.rule, "seed": self.seed}
+
+    def build(self) -> Any:
+        """The registered transformation (a ConfigError for an unknown name or a bad parameter)."""
+        from advbench.registry import TRANSFORMATIONS  # the registry is filled by the package import
+
+        return TRANSFORMATIONS.create(self.transform, **dict(self.params))
+
+    def label(self) -> str:
+        inner = ",".join(f"{k}={v}" for k, v in self.params)
+        return f"{self.transform}{f'({inner})' if inner else ''}x{self.draws}-{self.rule}"
+
+
+def _parse_field(cls: type, value: Any, what: str, allowed: str) -> Any:
+    """A Region / Perceptual from its mapping (None stays None)."""
+    if value is None or isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{what} must be a mapping {allowed}, got {value!r}")
+    names = {f for f in cls.__dataclass_fields__}  # type: ignore[attr-defined]
+    unknown = set(value) - names
+    if unknown:
+        raise ConfigError(f"unknown {what} field(s) {sorted(unknown)}; allowed: {', '.join(sorted(names))}")
+    d = dict(value)
+    if "at" in d and isinstance(d["at"], list):
+        d["at"] = tuple(d["at"])
+    return cls(**d)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -87,12 +239,25 @@ class ThreatModel:
     knowledge: Knowledge = Knowledge.WHITE_BOX
     query_budget: int | None = None
     quantize: str | None = None
+    #: one perturbation per example, or one shared by all examples (``shared_by: set``) or by
+    #: all examples of a class (``shared_by: class``)
+    scope: Scope = Scope.INDIVIDUAL
+    shared_by: str | None = None
+    region: Region | None = None
+    perceptual: Perceptual | None = None
+    physical: Physical | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "norm", _enum(Norm, self.norm, "norm"))
         set_(self, "targeting", _enum(Targeting, self.targeting, "targeting"))
         set_(self, "knowledge", _enum(Knowledge, self.knowledge, "knowledge"))
+        set_(self, "scope", _enum(Scope, self.scope, "scope"))
+        set_(self, "region", _parse_field(Region, self.region, "region", "{shape: square, size: S, location: fixed|random|any}"))
+        set_(self, "perceptual", _parse_field(Perceptual, self.perceptual, "perceptual", "{ssim: 0.95}"))
+        if self.physical is not None:
+            set_(self, "physical", Physical.parse(self.physical))
+        self._check_combination()
         if self.norm is Norm.UNBOUNDED:
             eps = math.inf
         else:
@@ -120,14 +285,71 @@ class ThreatModel:
         if self.quantize not in (None, "8bit"):
             raise ConfigError(f"quantize must be '8bit' or absent, got {self.quantize!r}")
 
+    def _check_combination(self) -> None:
+        """Refuse the combinations of axes that have no meaning (one line each, naming what is allowed)."""
+        set_ = object.__setattr__
+        if self.scope is Scope.UNIVERSAL:
+            shared = self.shared_by or "set"
+            if shared not in ("set", "class"):
+                raise ConfigError(f"shared_by must be 'set' or 'class', got {self.shared_by!r}")
+            set_(self, "shared_by", shared)
+            if self.targeting in (Targeting.RANDOM, Targeting.LEAST_LIKELY):
+                raise ConfigError(f"a universal perturbation has one goal for all its examples: targeting must be "
+                                  f"untargeted or fixed, not {self.targeting.value!r}")
+            if self.knowledge is not Knowledge.WHITE_BOX:
+                raise ConfigError("universal scope is supported for white-box attackers only (knowledge: white_box); "
+                                  f"got {self.knowledge.value!r}")
+            if self.norm is Norm.L0:
+                raise ConfigError("universal scope with norm l0 is not supported: give the pixels as a region "
+                                  "(region: {size: S, location: random}, norm: unbounded) instead")
+            if self.region is not None and self.region.location == "any":
+                raise ConfigError("a universal patch is placed by the evaluation, not per example by the attacker: "
+                                  "region location must be fixed or random with scope universal")
+        elif self.shared_by is not None:
+            raise ConfigError("shared_by is only allowed with scope 'universal'")
+        if self.region is not None and self.norm is Norm.L0:
+            raise ConfigError("a region already bounds which pixels change: use norm unbounded, linf or l2 with it, not l0")
+        if self.perceptual is not None and self.norm is Norm.L0:
+            raise ConfigError("perceptual (ssim) bounds go with an Lp ball or norm unbounded, not with l0")
+
     # ------------------------------------------------------------------ serialization
+    @property
+    def constrained(self) -> bool:
+        """Whether any axis beyond the Lp ball is set (scope, region, perceptual, physical)."""
+        return (self.scope is not Scope.INDIVIDUAL or self.region is not None or self.perceptual is not None
+                or self.physical is not None)
+
     def to_dict(self) -> dict[str, Any]:
+        """The descriptor as plain JSON types; the axes beyond the Lp ball only where they are set
+        (so every threat model that has none keeps the identity, keys and hashes it had)."""
         d = asdict(self)
         d["norm"], d["targeting"], d["knowledge"] = self.norm.value, self.targeting.value, self.knowledge.value
         d["bounds"] = list(self.bounds)
         if self.norm is Norm.UNBOUNDED:
             d["eps"] = None
+        for key in ("scope", "shared_by", "region", "perceptual", "physical"):
+            d.pop(key)
+        if self.scope is not Scope.INDIVIDUAL:
+            d["scope"], d["shared_by"] = self.scope.value, self.shared_by
+        for key in ("region", "perceptual", "physical"):
+            value = getattr(self, key)
+            if value is not None:
+                d[key] = value.to_dict()
         return d
+
+    def constraint_label(self) -> str:
+        """The axes beyond the Lp ball as one short token (``universal-square8@random-ssim0.95``),
+        empty when none is set: the threat's identity in table columns, job keys and leaderboard ids."""
+        parts = []
+        if self.scope is Scope.UNIVERSAL:
+            parts.append("universal" if self.shared_by == "set" else "universal-per-class")
+        if self.region is not None:
+            parts.append(self.region.label())
+        if self.perceptual is not None:
+            parts.append(self.perceptual.label())
+        if self.physical is not None:
+            parts.append(self.physical.label())
+        return "-".join(parts)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ThreatModel:
@@ -153,6 +375,8 @@ class ThreatModel:
         s += f" {self.knowledge.value}"
         if self.query_budget:
             s += f" budget={self.query_budget}"
+        if self.constrained:
+            s += f" {self.constraint_label()}"
         return s
 
     # ------------------------------------------------------------------ geometry

@@ -38,11 +38,11 @@ import torch
 from torch import nn
 
 from advbench.access import Handle, WhiteBoxModel, handle_for
-from advbench.audit import AuditReport, audit, goal_met
+from advbench.audit import AuditReport, apply_universal, audit, goal_met, region_corners
 from advbench.errors import ConfigError, ModelOutputError, QueryBudgetExceeded, UnsupportedThreatError
 from advbench.params import Configurable
 from advbench.tensors import frozen, rows
-from advbench.threat import Knowledge, Norm, Targeting, ThreatModel
+from advbench.threat import Knowledge, Norm, Scope, Targeting, ThreatModel
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,14 @@ class AttackResult:
     #: minimal-perturbation attacks only: its distance where it is audited adversarial
     #: (finite, in bounds, goal met), ``inf`` where the attack found nothing
     minimal_distances: torch.Tensor | None = None
+    #: under a region located fixed or random: each example's square corner (N, 2), (row, col)
+    corners: torch.Tensor | None = None
+    #: under a universal threat model: the shared perturbation (or patch) every example carries
+    universal: torch.Tensor | None = None
+    #: under a perceptual bound: each example's SSIM to its clean input
+    ssim: torch.Tensor | None = None
+    #: under a physical feed: per example, the share of the transformation's draws that stay adversarial
+    physical_share: torch.Tensor | None = None
 
     @property
     def n_violations(self) -> int:
@@ -80,6 +88,12 @@ class AttackResult:
     @property
     def success_rate(self) -> float:
         return float(self.success.float().mean()) if self.success.numel() else 0.0
+
+    @property
+    def fooling_rate(self) -> float:
+        """The share of examples whose prediction the (audited) perturbation changes, whatever
+        the label (Moosavi-Dezfooli et al.'s measure for universal perturbations)."""
+        return float((self.valid & (self.pred_adv != self.pred_clean)).float().mean()) if self.valid.numel() else 0.0
 
 
 def _describe(values: frozenset[Any]) -> str:
@@ -100,6 +114,10 @@ class Attack(Configurable, ABC):
     knowledge: ClassVar[frozenset[Knowledge]] = frozenset({Knowledge.WHITE_BOX})
     #: searches for the smallest adversarial example, ignoring eps (see the module docstring)
     minimal: ClassVar[bool] = False
+    #: the perturbation scopes it produces: per example (``_run``) and/or universal (``_fit``)
+    scopes: ClassVar[frozenset[Scope]] = frozenset({Scope.INDIVIDUAL})
+    #: whether it honours a region (changes only inside each example's square: ``_run_in_region``)
+    regions: ClassVar[bool] = False
     #: what kind of attack it is, for the gradient-masking checks (:mod:`advbench.eval.masking`):
     #: ``single_step``, ``iterative`` (an iterative ascent of the same goal), ``minimal``,
     #: ``score_based``, ``decision_based``, ``transfer`` or ``other``
@@ -115,6 +133,12 @@ class Attack(Configurable, ABC):
                 f"attack {self.name!r} does not support targeting {threat.targeting.value!r}; "
                 f"allowed: {_describe(self.targeting)}"
             )
+        if threat.scope not in self.scopes:
+            return (f"attack {self.name!r} does not produce {threat.scope.value} perturbations; allowed: "
+                    f"{_describe(self.scopes)} (universal: uap, patch)")
+        if threat.region is not None and not self.regions:
+            return (f"attack {self.name!r} cannot keep its change inside a region; attacks that can: patch "
+                    "(and any registered with regions = True)")
         if threat.knowledge not in self.knowledge:
             return (
                 f"attack {self.name!r} needs knowledge {_describe(self.knowledge)}, "
@@ -139,15 +163,29 @@ class Attack(Configurable, ABC):
         target: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         judge: nn.Module | None = None,
+        fit: tuple[torch.Tensor, torch.Tensor] | None = None,
+        corners: torch.Tensor | None = None,
     ) -> AttackResult:
         """Attack ``model`` at inputs ``x`` with labels ``y`` under ``threat``; see the module docstring.
 
         ``judge`` is the model the output is audited and scored on (default: ``model``): an
         evaluator hands the attacker an adaptive view of a defended model and judges on the
-        deployed one."""
+        deployed one. Under a universal threat model the perturbation is fitted on ``fit``
+        (images, labels: a training split, held out from ``x``; default ``x`` itself, in-sample)
+        and applied to ``x``. Under a region located fixed or random, ``corners`` (N, 2) places
+        each example's square (default: the fixed corner, or drawn from ``generator``)."""
         self.check_threat(threat)
         judge = model if judge is None else judge
         _validate_inputs(x, y, threat)
+        if threat.region is not None and x.dim() != 4:
+            raise ConfigError(f"a region threat model needs NCHW images, got shape {tuple(x.shape)}")
+        if threat.region is not None:
+            threat.region.check_fits(x.shape[2], x.shape[3])
+            if corners is None:
+                corners = region_corners(threat, x.shape[0], x.shape[2], x.shape[3], generator, x.device)
+        if threat.scope is Scope.UNIVERSAL:
+            fit = (x, y) if fit is None else fit
+            _validate_inputs(fit[0], fit[1], threat)
         with frozen(model):
             clean_logits = _checked_logits(model, x)
             pred_clean = clean_logits.argmax(dim=1)
@@ -160,9 +198,19 @@ class Attack(Configurable, ABC):
                 raise ConfigError(f"target must have shape {tuple(y.shape)}, got {tuple(target.shape)}")
             handle = handle_for(model, threat, x.shape[0])
             exhausted = False
+            universal = None
             try:
                 with torch.enable_grad():
-                    x_adv = self._run(handle, x, y, threat, target, generator)
+                    if threat.scope is Scope.UNIVERSAL:
+                        assert fit is not None
+                        fit_handle = handle_for(model, threat, fit[0].shape[0])
+                        universal = self._fit(fit_handle, fit[0], fit[1], threat, generator).detach()
+                        handle.n_forward, handle.n_backward = fit_handle.n_forward, fit_handle.n_backward
+                        x_adv = apply_universal(x, y, threat, universal, corners)
+                    elif threat.region is not None:
+                        x_adv = self._run_in_region(handle, x, y, threat, target, generator, corners)
+                    else:
+                        x_adv = self._run(handle, x, y, threat, target, generator)
             except QueryBudgetExceeded as stop:
                 # keep what the attack found within the budget (it is audited like any output)
                 best = stop.best
@@ -190,11 +238,13 @@ class Attack(Configurable, ABC):
                 params=self.params(),
                 seed=generator.initial_seed() if generator is not None else None,
                 budget_exhausted=exhausted,
+                corners=corners,
+                universal=universal,
             )
             if self.minimal:
                 return self._budgeted(judge, x, y, threat, result, x_adv)
             with frozen(judge):
-                report = audit(judge, x, x_adv, y, threat, target)
+                report = audit(judge, x, x_adv, y, threat, target, corners=corners, universal=universal)
         return _audited(result, report, x, threat)
 
     @final
@@ -244,6 +294,19 @@ class Attack(Configurable, ABC):
     ) -> torch.Tensor:
         """Return adversarial inputs, shape of ``x``. ``target`` is None for untargeted threats."""
 
+    def _run_in_region(self, model: Handle, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
+                       target: torch.Tensor | None, generator: torch.Generator | None,
+                       corners: torch.Tensor | None) -> torch.Tensor:
+        """Adversarial inputs that change each example only inside its square (``corners`` (N, 2),
+        or None where the threat lets the attacker place it); attacks with ``regions = True``."""
+        raise UnsupportedThreatError(f"attack {self.name!r} cannot keep its change inside a region")
+
+    def _fit(self, model: Handle, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
+             generator: torch.Generator | None) -> torch.Tensor:
+        """The universal perturbation fitted on ``x`` (see :func:`advbench.audit.apply_universal`
+        for its shape); attacks whose ``scopes`` include universal."""
+        raise UnsupportedThreatError(f"attack {self.name!r} does not produce universal perturbations")
+
 
 class GradientAttack(Attack):
     """A white-box attack that follows the gradient of a loss on the logits."""
@@ -292,6 +355,8 @@ def _audited(result: AttackResult, report: AuditReport, x: torch.Tensor, threat:
         pred_adv=report.pred_adv,
         distances=_distances(report.x_scored, x, threat),
         quantization_failures=int(report.quantization_failures.sum()),
+        ssim=report.ssim,
+        physical_share=report.physical_share,
     )
 
 

@@ -95,6 +95,19 @@ class EvaluationResult:
         return masking_lines(self.masking)
 
 
+def refuse_untabulated_axes(config: BenchmarkConfig) -> None:
+    """A ConfigError for a threat model with an axis beyond the Lp ball (scope, region,
+    perceptual, physical): the attacks and the audit enforce them (the Python API), but the
+    result tables do not yet key rows by them, so two such threats of one norm and eps would
+    share a row. Refused before anything is written rather than tabulated wrongly."""
+    for tm in config.threat_models():
+        if tm.constrained:
+            raise ConfigError(
+                f"threat {tm.describe()}: `advbench evaluate` does not tabulate the scope, region, perceptual "
+                "and physical axes yet; run the attack from Python (ATTACKS.create(name)(model, x, y, threat)), "
+                "whose result is audited under them")
+
+
 def evaluate(
     config: BenchmarkConfig,
     out_dir: str | Path,
@@ -121,6 +134,7 @@ def evaluate(
     its store is created, so it leaves nothing behind."""
     out = Path(out_dir)
     check_out_dir(out)
+    refuse_untabulated_axes(config)
     device = resolve_device(config.device)
     config_hash = config.hash()
     started = timestamp()

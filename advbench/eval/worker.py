@@ -478,7 +478,8 @@ def join_results(parts: list[AttackResult]) -> AttackResult:
     return dataclasses.replace(
         first,
         **{name: cat(name) for name in ("x_adv", "success", "valid", "pred_clean", "pred_adv", "distances",
-                                        "target", "x_minimal", "minimal_distances")},
+                                        "target", "x_minimal", "minimal_distances", "corners", "ssim",
+                                        "physical_share")},
         **{name: sum(getattr(p, name) for p in parts)
            for name in ("n_forward", "n_backward", "n_queries", "quantization_failures")},
         budget_exhausted=any(p.budget_exhausted for p in parts),
