@@ -442,12 +442,11 @@ class ThreatModel:
         the grid the result is always inside the ball; off the grid it may not be, and the audit
         then rejects it."""
         lo, hi = self.bounds
-        scale = (hi - lo) / 255
-        level = torch.round((x_adv - lo) / scale)
-        nearest = level * scale + lo
+        level = torch.round((x_adv - lo) / (hi - lo) * 255)
+        nearest = _level_value(level, lo, hi)
         # the neighbouring level toward x, where rounding to the nearest one moved away from x
         away = (nearest - x_adv) * (x_adv - x) > 0
-        toward = torch.where(away, (level - torch.sign(x_adv - x)).clamp(0, 255) * scale + lo, nearest)
+        toward = torch.where(away, _level_value((level - torch.sign(x_adv - x)).clamp(0, 255), lo, hi), nearest)
         if self.norm is Norm.UNBOUNDED:
             return nearest
         if self.norm is Norm.LINF:
@@ -563,7 +562,13 @@ def project_l0(delta: torch.Tensor, k: int) -> torch.Tensor:
     return delta * keep.view_as(delta)
 
 
+def _level_value(level: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """The value of 8-bit level k across [lo, hi], computed as ``k / 255 * (hi - lo) + lo`` (one
+    formula for every rounding here, so data stored as k / 255 maps to itself bit for bit)."""
+    return level / 255 * (hi - lo) + lo
+
+
 def quantize_8bit(x: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
     """Round to 256 evenly spaced levels across ``bounds``, as saving an 8-bit image would."""
     lo, hi = bounds
-    return torch.round((x - lo) / (hi - lo) * 255) / 255 * (hi - lo) + lo
+    return _level_value(torch.round((x - lo) / (hi - lo) * 255), lo, hi)

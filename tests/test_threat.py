@@ -130,3 +130,16 @@ def test_resolve_targets():
 def test_quantize_8bit_levels():
     x = torch.tensor([0.0, 0.5 / 255, 0.6 / 255, 1.0])
     assert torch.allclose(quantize_8bit(x, (0.0, 1.0)) * 255, torch.tensor([0.0, 0.0, 1.0, 255.0]))
+
+
+def test_8bit_rounding_maps_data_on_the_grid_to_itself_under_every_norm():
+    """Data stored as k / 255 is its own 8-bit image: the audit's rounding and quantize_8bit use one
+    formula (they differed on 126 of the 256 levels, so under l0 every example, even the clean
+    input, changed ~100 pixels and failed the audit)."""
+    from advbench.threat import quantize_8bit
+
+    x = (torch.arange(256, dtype=torch.float32) / 255).view(1, 1, 16, 16)
+    for norm, eps in (("l0", 3), ("linf", 0.01), ("l2", 0.1), ("l1", 0.1)):
+        t = ThreatModel(norm=norm, eps=eps, quantize="8bit")
+        assert torch.equal(t.quantized(x, x), x) and bool(t.contains(t.quantized(x, x), x)), norm
+    assert torch.equal(quantize_8bit(x, (0.0, 1.0)), x)
