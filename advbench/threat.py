@@ -16,6 +16,8 @@ Norm conventions (per example):
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
@@ -156,7 +158,7 @@ class Physical:
         set_ = object.__setattr__
         if not isinstance(self.transform, str) or not self.transform:
             raise ConfigError(f"physical transform must be a registered transformation's name, got {self.transform!r}")
-        set_(self, "params", tuple(sorted(dict(self.params).items())))
+        set_(self, "params", tuple(sorted((str(k), _freeze(v)) for k, v in dict(self.params).items())))
         set_(self, "draws", check_whole(self.draws, "physical draws", 1))
         set_(self, "seed", check_whole(self.seed, "physical seed", 0))
         if self.rule not in PHYSICAL_RULES:
@@ -180,18 +182,46 @@ class Physical:
         return cls(transform=spec, params=tuple(params.items()), **{k: value[k] for k in ("draws", "rule", "seed") if k in value})
 
     def to_dict(self) -> dict[str, Any]:
-        transform: Any = {"name": self.transform, **dict(self.params)} if self.params else self.transform
+        transform: Any = {"name": self.transform, **self.plain_params()} if self.params else self.transform
         return {"transform": transform, "draws": self.draws, "rule": self.rule, "seed": self.seed}
 
     def build(self) -> Any:
         """The registered transformation (a ConfigError for an unknown name or a bad parameter)."""
         from advbench.registry import TRANSFORMATIONS  # the registry is filled by the package import
 
-        return TRANSFORMATIONS.create(self.transform, **dict(self.params))
+        return TRANSFORMATIONS.create(self.transform, **self.plain_params())
+
+    def plain_params(self) -> dict[str, Any]:
+        """The transformation's parameters as plain JSON types (lists and mappings again)."""
+        return {k: _thaw(v) for k, v in self.params}
 
     def label(self) -> str:
-        inner = ",".join(f"{k}={v}" for k, v in self.params)
+        """``photo x8-all``-style token; parameters that are all scalars are spelled out, nested
+        ones (a chain's steps) are named by a short digest of their canonical JSON (a file-name-safe id)."""
+        if all(isinstance(v, (int, float, str, bool)) for _, v in self.params):
+            inner = ",".join(f"{k}={v}" for k, v in self.params)
+        else:
+            blob = json.dumps(self.plain_params(), sort_keys=True, separators=(",", ":"))
+            inner = hashlib.sha256(blob.encode()).hexdigest()[:8]
         return f"{self.transform}{f'({inner})' if inner else ''}x{self.draws}-{self.rule}"
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable form of a JSON value: lists as tuples, mappings as ("__map__", sorted pairs)."""
+    if isinstance(value, dict):
+        return ("__map__", tuple(sorted((str(k), _freeze(v)) for k, v in value.items())))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    """The JSON value :func:`_freeze` made hashable."""
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == "__map__":
+        return {k: _thaw(v) for k, v in value[1]}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
 
 
 def _parse_field(cls: type, value: Any, what: str, allowed: str) -> Any:
@@ -240,7 +270,8 @@ class ThreatModel:
     query_budget: int | None = None
     quantize: str | None = None
     #: one perturbation per example, or one shared by all examples (``shared_by: set``) or by
-    #: all examples of a class (``shared_by: class``)
+    #: all examples of a class (``shared_by: class``: each example carries its true class's
+    #: perturbation, so the attacker is granted the label of every example it perturbs)
     scope: Scope = Scope.INDIVIDUAL
     shared_by: str | None = None
     region: Region | None = None
@@ -305,6 +336,10 @@ class ThreatModel:
             if self.region is not None and self.region.location == "any":
                 raise ConfigError("a universal patch is placed by the evaluation, not per example by the attacker: "
                                   "region location must be fixed or random with scope universal")
+            if self.region is not None and self.norm is not Norm.UNBOUNDED:
+                raise ConfigError("a universal patch replaces the pixels of its square (its content is shared, not "
+                                  f"a change of each image): use norm unbounded with scope universal and a region, "
+                                  f"not {self.norm.value}")
         elif self.shared_by is not None:
             raise ConfigError("shared_by is only allowed with scope 'universal'")
         if self.region is not None and self.norm is Norm.L0:

@@ -19,7 +19,7 @@ from torch import nn
 
 from advbench.errors import UnsupportedThreatError
 from advbench.registry import ATTACKS
-from advbench.threat import Knowledge, Norm, Targeting, ThreatModel
+from advbench.threat import Knowledge, Norm, Scope, Targeting, ThreatModel
 
 N = 48  # examples per check: enough to see a rate, small enough to keep the suite fast
 QUERY_BUDGET = 300  # per example, for score- and decision-based attackers
@@ -41,6 +41,9 @@ FAST = {
     "fab-t": {"steps": 10, "targets": 3},
     "square": {"queries": 200},
     "hsja": {"steps": 4},
+    "uap": {"max_passes": 2},
+    # takes its expectation over a transformation: the threats here have no physical field, so give it one
+    "eot-pgd": {"steps": 10, "samples": 4, "transform": "photo"},
     # needs its source; its knowledge is transfer, so knowledge_of skips the checks that need a handle
     "transfer": {"source": {"name": "digits-mlp"}, "attack": {"name": "pgd", "steps": 10}},
 }
@@ -73,6 +76,8 @@ def knowledge_of(attack) -> Knowledge:
 def threat_for(attack, norm: Norm, targeting: Targeting = Targeting.UNTARGETED, **kw) -> ThreatModel:
     knowledge = knowledge_of(attack)
     budget = None if knowledge is Knowledge.WHITE_BOX else QUERY_BUDGET
+    if Scope.INDIVIDUAL not in attack.scopes:  # a universal-only attack (uap): fitted in-sample on the batch
+        kw.setdefault("scope", Scope.UNIVERSAL)
     return ThreatModel(norm=norm, eps=EPS[norm], targeting=targeting, knowledge=knowledge, query_budget=budget, **kw)
 
 

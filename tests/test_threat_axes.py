@@ -255,3 +255,18 @@ def test_evaluate_refuses_the_axes_it_does_not_tabulate_yet_and_writes_nothing(t
     with pytest.raises(ConfigError, match="does not tabulate the scope, region, perceptual and physical axes yet"):
         evaluate(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_chain_as_physical_feed_is_hashable_and_its_label_is_a_file_safe_token():
+    t = ThreatModel.from_dict({"norm": "linf", "eps": 0.1, "physical": {
+        "transform": {"name": "chain", "steps": [{"name": "blur", "sigma": 0.5}, "jpeg"]}, "draws": 2}})
+    assert hash(t) == hash(ThreatModel.from_dict(t.to_dict())) and ThreatModel.from_dict(t.to_dict()) == t
+    assert t.to_dict()["physical"]["transform"]["steps"] == [{"name": "blur", "sigma": 0.5}, "jpeg"]
+    label = t.constraint_label()
+    assert label.startswith("chain(") and label.endswith(")x2-all") and all(c not in label for c in " '{[\"")
+    assert t.physical.build().label.startswith("chain") or "blur" in repr(t.physical.build())
+
+
+def test_a_universal_patch_goes_with_norm_unbounded():
+    with pytest.raises(ConfigError, match="use norm unbounded with scope universal and a region"):
+        ThreatModel.from_dict({"norm": "linf", "eps": 0.1, "scope": "universal", "region": {"size": 2, "location": "random"}})

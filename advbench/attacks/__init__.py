@@ -1,6 +1,6 @@
 """Attacks: one module per family; importing this package registers the built-in ones."""
 
-from advbench.attacks import apgd, autoattack, bim, cw, deepfool, fab, fgsm, hsja, jsma, lbfgs, onepixel, pgd, square, transfer  # noqa: F401  (register the built-ins)
+from advbench.attacks import apgd, autoattack, bim, cw, deepfool, eot_pgd, fab, fgsm, hsja, jsma, lbfgs, onepixel, patch, pgd, square, transfer, uap  # noqa: F401  (register the built-ins)
 from advbench.attacks.base import Attack, AttackResult, GradientAttack
 from advbench.attacks.bim import BIM, ILLC
 from advbench.attacks.fgsm import FGSM

@@ -186,6 +186,9 @@ class Attack(Configurable, ABC):
         if threat.scope is Scope.UNIVERSAL:
             fit = (x, y) if fit is None else fit
             _validate_inputs(fit[0], fit[1], threat)
+            if fit[0].shape[1:] != x.shape[1:]:
+                raise ConfigError(f"the fit set's images are {tuple(fit[0].shape[1:])}, the attacked ones "
+                                  f"{tuple(x.shape[1:])}: a universal perturbation needs one shape")
         with frozen(model):
             clean_logits = _checked_logits(model, x)
             pred_clean = clean_logits.argmax(dim=1)
