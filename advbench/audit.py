@@ -26,6 +26,7 @@ The axes beyond the Lp ball (:mod:`advbench.threat`) are checked per example too
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -138,7 +139,7 @@ def audit(
         safe = torch.where(_rows(valid, x), safe, x)
     share = None
     if threat.physical is not None:
-        pred, share = physical_predictions(model, safe, y, threat, target)
+        pred, share = physical_predictions(model, x, safe, y, threat, target)
         met = share == 1 if threat.physical.rule == "all" else share > 0.5
         adversarial = met & valid
     else:
@@ -244,19 +245,38 @@ def shared(x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, threat: Threat
 
 
 # ---------------------------------------------------------------------- physical feed
-def physical_predictions(model: nn.Module, x_scored: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
-                         target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def physical_predictions(model: nn.Module, x: torch.Tensor, x_scored: torch.Tensor, y: torch.Tensor,
+                         threat: ThreatModel, target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's predictions on the physical transformation of each image (the first draw's)
-    and, per example, the share of ``draws`` seeded draws in which the goal is met."""
+    and, per example, the share of ``draws`` seeded draws in which the goal is met.
+
+    A random transformation draws each example's randomness from its own generator, seeded by
+    the threat's seed, the draw and the example's clean image (``x``'s bytes): an example's
+    verdict does not depend on the batch it is audited in, nor on the batch size."""
     phys = threat.physical
     assert phys is not None
     transform = phys.build()
-    g = torch.Generator(device="cpu").manual_seed(phys.seed)
+    seeds = _example_seeds(x, phys.seed) if getattr(transform, "random", False) else None
     met = torch.zeros(x_scored.shape[0], dtype=torch.float64, device=x_scored.device)
     first = None
-    for _ in range(phys.draws):
-        seen = transform(x_scored, g)
+    for d in range(phys.draws):
+        if seeds is None:
+            seen = transform(x_scored)
+        else:
+            seen = torch.cat([transform(x_scored[i : i + 1], torch.Generator(device="cpu").manual_seed(_mix(s, d)))
+                              for i, s in enumerate(seeds)])
         pred = predict(model, seen)
         first = pred if first is None else first
         met += goal_met(pred, y, target).double()
     return first, met / phys.draws
+
+
+def _example_seeds(x: torch.Tensor, seed: int) -> list[int]:
+    """Per example, a 63-bit seed from ``seed`` and the bytes of its clean image."""
+    rows = x.detach().to("cpu", torch.float32).contiguous().reshape(x.shape[0], -1).numpy()
+    prefix = seed.to_bytes(8, "little")
+    return [int.from_bytes(hashlib.sha256(prefix + r.tobytes()).digest()[:8], "little") >> 1 for r in rows]
+
+
+def _mix(seed: int, draw: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{draw}".encode()).digest()[:8], "little") >> 1

@@ -144,9 +144,12 @@ class Perceptual:
 @dataclass(frozen=True)
 class Physical:
     """A physical data feed: what the model sees is ``transform`` (a registered destruction-rate
-    transformation, by name or ``{name, params}``) of the example, drawn ``draws`` times (its
-    randomness from a generator seeded by ``seed``). ``rule``: the example counts only if it is
-    adversarial after ``all`` draws, or after a strict ``majority`` of them."""
+    transformation, by name or ``{name, params}``) of the example, drawn ``draws`` times (each
+    example's randomness seeded by ``seed``, the draw and its clean image, so its verdict does
+    not depend on its batch). ``rule``: the example counts only if it is adversarial after
+    ``all`` draws, or after a strict ``majority`` of them. The seed is part of the threat model,
+    so an attacker could fit the audit's exact draws: report a physical result with the seed it
+    was audited at, and re-audit with another to see it hold."""
 
     transform: str
     params: tuple[tuple[str, Any], ...] = ()

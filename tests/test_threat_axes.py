@@ -231,7 +231,9 @@ def test_the_audit_rejects_an_example_the_physical_transformation_destroys():
 def test_physical_draws_are_seeded_and_the_rule_decides():
     torch.manual_seed(0)
     x = torch.full((200, 1, 4, 4), 0.5)
-    x_adv = torch.full((200, 1, 4, 4), 0.52)  # just over the boundary: noise flips it either way
+    x[:, 0, 3, 3] = torch.arange(200) / 1000  # distinct images (outside what the model reads): distinct draws
+    x_adv = x.clone()
+    x_adv[:, :, :2, :2] = 0.52  # just over the boundary: noise flips it either way
     y = torch.zeros(200, dtype=torch.long)
     phys = {"transform": {"name": "noise", "std": 0.1}, "draws": 5}
     every = audit(Fixed(), x, x_adv, y, _threat(physical={**phys, "rule": "all"}))
@@ -270,3 +272,17 @@ def test_a_chain_as_physical_feed_is_hashable_and_its_label_is_a_file_safe_token
 def test_a_universal_patch_goes_with_norm_unbounded():
     with pytest.raises(ConfigError, match="use norm unbounded with scope universal and a region"):
         ThreatModel.from_dict({"norm": "linf", "eps": 0.1, "scope": "universal", "region": {"size": 2, "location": "random"}})
+
+
+def test_an_examples_physical_verdict_does_not_depend_on_its_batch():
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(40, 1, 4, 4, generator=g) * 0.2 + 0.4
+    x_adv = (x + 0.05).clamp(0, 1)
+    y = torch.zeros(40, dtype=torch.long)
+    threat = _threat(physical={"transform": {"name": "noise", "std": 0.1}, "draws": 6})
+    whole = audit(Fixed(), x, x_adv, y, threat).physical_share
+    halves = torch.cat([audit(Fixed(), x[i:i + 13], x_adv[i:i + 13], y[i:i + 13], threat).physical_share
+                        for i in range(0, 40, 13)])
+    reversed_ = audit(Fixed(), x.flip(0), x_adv.flip(0), y, threat).physical_share.flip(0)
+    assert torch.equal(whole, halves) and torch.equal(whole, reversed_)
+    assert 0 < float(whole.mean()) < 1  # the draws do differ between examples and draws
