@@ -22,6 +22,10 @@ The axes beyond the Lp ball (:mod:`advbench.threat`) are checked per example too
 - ``perceptual``: the example's SSIM to its clean input must be at least the bound;
 - ``physical``: the goal must be met by the model's predictions on the transformation of the
   image that counts, in all (or a strict majority of) the transformation's seeded draws.
+
+Region and scope concern the attacker's change, so they are checked on the attack's output;
+``quantize: 8bit`` then rounds the whole image, as saving it would (on data off the 8-bit grid
+that also moves pixels outside the square: the saving did it, not the attacker).
 """
 
 from __future__ import annotations
