@@ -27,6 +27,7 @@ import torch
 
 from advbench.errors import ConfigError
 from advbench.params import check_number, check_whole
+from advbench.registry import TRANSFORMATIONS  # filled by the package import before any lookup
 
 class Norm(str, Enum):
     LINF = "linf"
@@ -190,8 +191,6 @@ class Physical:
 
     def build(self) -> Any:
         """The registered transformation (a ConfigError for an unknown name or a bad parameter)."""
-        from advbench.registry import TRANSFORMATIONS  # the registry is filled by the package import
-
         return TRANSFORMATIONS.create(self.transform, **self.plain_params())
 
     def plain_params(self) -> dict[str, Any]:

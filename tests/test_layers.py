@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "advbench"
 #: bottom to top; a module belongs to the longest name that it is or lies under ("" is the package face)
 FLOORS: list[tuple[str, ...]] = [
     ("errors",),
-    ("files", "threat", "registry", "params", "tensors", "provenance"),
+    ("files", "threat", "registry", "params", "tensors", "provenance", "similarity"),
     ("access", "audit", "store", "data", "defenses", "models.layers"),
     ("models", "specs"),
     ("loading",),
