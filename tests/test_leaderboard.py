@@ -387,3 +387,21 @@ def test_a_flag_on_naive_attacks_only_does_not_flag_an_adaptive_entry():
     assert not _naive_only({"code": "unstable_predictions", "where": {}}, adaptive=True)  # the whole cell
     assert _naive_only({"code": "suboptimal_minimal", "where": {"attack": "deepfool"}}, adaptive=True)
     assert not _naive_only({"code": "suboptimal_minimal", "where": {"attack": "deepfool+eot"}}, adaptive=True)
+
+
+def test_suites_run_side_by_side_give_the_entries_run_one_after_another(tmp_path):
+    """The gate runs the suite files in worker processes: the entries (and their order) are the
+    ones a sequential run gives; only the wall time differs."""
+    folder = tmp_path / "two"
+    folder.mkdir()
+    (folder / "suite.yaml").write_text(TINY_SUITE)
+    (folder / "suite-cnn.yaml").write_text(TINY_SUITE.replace("models: [digits-mlp]", "models: [digits-cnn]")
+                                           .replace("n: 60", "n: 40"))
+    parallel, _ = lb.run_suite(folder, processes=2)
+    sequential, _ = lb.run_suite(folder, processes=1)
+
+    def strip(entries):
+        return [{k: v for k, v in e.items() if k != "date"} for e in entries]
+
+    assert [lb.entry_name(e) for e in parallel] == [lb.entry_name(e) for e in sequential]
+    assert strip(parallel) == strip(sequential) and {e["model"] for e in parallel} == {"digits-mlp", "digits-cnn"}

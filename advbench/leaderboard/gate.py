@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,21 +43,36 @@ def suite_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def run_suite(folder: str | Path) -> tuple[list[dict[str, Any]], float]:
-    """Evaluate every suite config of ``folder`` from scratch (in temporary folders); the entries and seconds."""
-    entries: list[dict[str, Any]] = []
+def suite_entries(suite: str | Path, threads: int | None = None) -> list[dict[str, Any]]:
+    """Evaluate one suite config from scratch (in a temporary folder); its entries."""
+    config = load_config(suite)
+    with tempfile.TemporaryDirectory(prefix="advbench-leaderboard-") as tmp:
+        result = evaluate(config, tmp, progress=False, config_source=str(suite), threads=threads)
+        run = json.loads((Path(tmp) / "run.json").read_text())
+        with ResultStore(Path(tmp) / DB_NAME) as store:
+            examples = store.examples(config.hash(), store.planned_keys(config.hash()))
+    examples = examples[~examples.probe.fillna(0).astype(bool)]
+    return entries_from_table(result.table, config, result.masking, cards=run.get("model_cards", {}),
+                              digests=run.get("model_digests", {}), examples=examples)
+
+
+def run_suite(folder: str | Path, processes: int | None = None) -> tuple[list[dict[str, Any]], float]:
+    """Evaluate every suite config of ``folder`` from scratch; the entries (in suite order) and seconds.
+
+    With more than one suite and more than one CPU, the suites run side by side in ``processes``
+    worker processes (default: up to 2, the CPUs there are), each job on one thread: the numbers
+    depend on neither (the evaluator's results do not depend on the thread count), only the wall
+    time does. The largest config file is started first, so the smaller ones share the other CPU."""
+    suites = suite_files(folder)
     t0 = time.perf_counter()
-    for suite in suite_files(folder):
-        config = load_config(suite)
-        with tempfile.TemporaryDirectory(prefix="advbench-leaderboard-") as tmp:
-            result = evaluate(config, tmp, progress=False, config_source=str(suite))
-            run = json.loads((Path(tmp) / "run.json").read_text())
-            with ResultStore(Path(tmp) / DB_NAME) as store:
-                examples = store.examples(config.hash(), store.planned_keys(config.hash()))
-        examples = examples[~examples.probe.fillna(0).astype(bool)]
-        entries += entries_from_table(result.table, config, result.masking, cards=run.get("model_cards", {}),
-                                      digests=run.get("model_digests", {}), examples=examples)
-    return entries, time.perf_counter() - t0
+    workers = min(len(suites), processes if processes is not None else min(2, os.cpu_count() or 1))
+    if workers <= 1:
+        return [e for suite in suites for e in suite_entries(suite)], time.perf_counter() - t0
+    order = sorted(range(len(suites)), key=lambda i: -suites[i].stat().st_size)  # the largest first
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {i: pool.submit(suite_entries, str(suites[i]), 1) for i in order}
+        results = {i: f.result() for i, f in futures.items()}
+    return [e for i in range(len(suites)) for e in results[i]], time.perf_counter() - t0
 
 
 @dataclass(frozen=True)
