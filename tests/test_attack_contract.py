@@ -321,3 +321,57 @@ def test_every_attack_is_covered():
     """Each registered attack declares at least one norm, so it is in the parametrization."""
     assert {name for name, _ in CASES} == set(ATTACKS.list())
     assert {"fgsm", "bim", "illc", "pgd"} <= set(ATTACKS.list())
+
+
+# ---------------------------------------------------------------------- the axes beyond the ball
+REGION_NAMES = [n for n in NAMES if make(n).regions]
+UNIVERSAL_NAMES = [n for n in NAMES if Scope.UNIVERSAL in make(n).scopes]
+
+
+@pytest.mark.parametrize("location", ["random", "fixed", "any"])
+@pytest.mark.parametrize("name", REGION_NAMES)
+def test_a_region_attack_changes_nothing_outside_each_examples_square(name, location, digits_cnn, batch):
+    """Recomputed here: every changed pixel lies in the example's 3x3 square (its corner from the
+    result for fixed and random, the changed pixels' extent for any), and success is the model's."""
+    x, y = batch
+    attack = make(name)
+    region = {"size": 3, "location": location, **({"at": [2, 1]} if location == "fixed" else {})}
+    threat = ThreatModel.from_dict({"norm": "unbounded", "region": region})
+    if attack.supports(threat):
+        pytest.skip(attack.supports(threat))
+    res = attack(digits_cnn, x, y, threat, generator=torch.Generator().manual_seed(0))
+    changed = (res.x_adv != x).any(dim=1)  # (N, H, W)
+    for i in range(x.shape[0]):
+        rows, cols = changed[i].nonzero(as_tuple=True)
+        if location == "any":
+            assert rows.numel() == 0 or (rows.max() - rows.min() < 3 and cols.max() - cols.min() < 3)
+        else:
+            r, c = res.corners[i].tolist()
+            assert (location != "fixed" or (r, c) == (2, 1))
+            assert bool(((rows >= r) & (rows < r + 3) & (cols >= c) & (cols < c + 3)).all())
+    assert res.valid.all() and torch.equal(res.success, argmax(digits_cnn, res.x_adv) != y)
+
+
+@pytest.mark.parametrize("name", UNIVERSAL_NAMES)
+def test_a_universal_attack_hands_over_one_perturbation_every_example_carries(name, digits_cnn, batch):
+    """Recomputed here: one perturbation (or patch), every example exactly it applied to the clean
+    input, fitted on other images than the ones it is judged on."""
+    x, y = batch
+    fit_x, fit_y = x.flip(0)[: N // 2], y.flip(0)[: N // 2]
+    attack = make(name)
+    threat = threat_for(attack, default_norm(attack) if Norm.UNBOUNDED not in attack.norms else Norm.UNBOUNDED,
+                        scope=Scope.UNIVERSAL)
+    if attack.supports(threat):  # a patch attack: universal patches need a region
+        threat = ThreatModel.from_dict({"norm": "unbounded", "scope": "universal",
+                                        "region": {"size": 3, "location": "random"}})
+    res = attack(digits_cnn, x, y, threat, fit=(fit_x, fit_y), generator=torch.Generator().manual_seed(0))
+    assert res.universal is not None and res.universal.shape[0] == 1
+    if threat.region is None:
+        delta = res.universal[0]
+        assert plain_distance(delta[None], torch.zeros_like(delta[None]), threat.norm).item() <= threat.eps + 1e-6
+        assert torch.equal(res.x_adv, (x + delta).clamp(*threat.bounds))
+    else:
+        for i in range(x.shape[0]):
+            r, c = res.corners[i].tolist()
+            assert torch.equal(res.x_adv[i, :, r:r + 3, c:c + 3], res.universal[0])
+    assert res.valid.all() and torch.equal(res.pred_adv, argmax(digits_cnn, res.x_adv))
