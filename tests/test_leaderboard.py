@@ -117,9 +117,9 @@ def test_the_gate_evaluates_shipped_weights_and_never_trains(tmp_path, monkeypat
 
     monkeypatch.setattr(zoo, "_train", fail)
     entries = lb.load_entries(REAL)
-    config = load_config(REAL / "suite.yaml")
-    assert len(config.models) == 7
-    for spec in config.models:
+    specs = [m for name in ("suite.yaml", "suite-masking.yaml") for m in load_config(REAL / name).models]
+    assert len(specs) == 7
+    for spec in specs:
         raw = spec.model_dump(mode="json", by_alias=True)
         digest = model_digest(raw, load_model(raw))
         assert {e["model_digest"] for e in entries.values() if e["model"] == spec.name} == {digest}, spec.name
@@ -163,7 +163,7 @@ def test_entries_are_numbers_and_the_schema_round_trips():
             assert isinstance(v, float) and 0 <= v <= 1
         assert e["robust_accuracy"] <= min(e["attacks"].values()) and isinstance(e["n"], int)
         auto = {"autoattack", *(f"autoattack.{c}" for c in ("apgd-ce", "apgd-t", "fab-t", "square"))}
-        with_auto = not name.startswith("mnist")  # suite.yaml runs AutoAttack, suite-mnist.yaml does not
+        with_auto = not name.startswith("mnist")  # the digits suites run AutoAttack, suite-mnist.yaml does not
         assert set(e["attacks"]) == {"fgsm", "pgd", "deepfool", *(auto if with_auto else ())}
         assert e["n"] == (200 if name.startswith("mnist") else 360)
         if with_auto:  # the suite's row is its per-example worst case, and the last cumulative component's
