@@ -217,14 +217,22 @@ def build_stage(entry: dict[str, Any]) -> Any:
     return DEFENSES.create(entry["name"], **entry.get("params", {}))
 
 
+def build_deployed(architecture: str, *, seed: int, in_channels: int | None = None,
+                   stages: list[dict[str, Any]] | None = None) -> nn.Module:
+    """A fresh deployed model (train mode): :func:`build_classifier`, behind the defense stages
+    ``stages`` describes (``{"name", "params"}`` each) when there are any."""
+    classifier = build_classifier(architecture, seed=seed, in_channels=in_channels)
+    built = [build_stage(s) for s in stages or []]
+    return DefendedModel(built, classifier) if built else classifier
+
+
 def rebuild(description: dict[str, Any]) -> nn.Module:
     """The (untrained) deployed model a :func:`describe` dict names: classifier, wrapped in its
     stages if it has any. Load the classifier's state dict into ``.classifier`` (or the model)."""
     if description.get("format") != 1:
         raise ConfigError(f"unknown trained-model description format {description.get('format')!r}")
-    classifier = build_classifier(description["architecture"], seed=0, in_channels=description.get("in_channels"))
-    stages = [build_stage(s) for s in description.get("stages", [])]
-    return DefendedModel(stages, classifier) if stages else classifier
+    return build_deployed(description["architecture"], seed=0, in_channels=description.get("in_channels"),
+                          stages=description.get("stages", []))
 
 
 def classifier_of(model: nn.Module) -> nn.Module:

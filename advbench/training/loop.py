@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from advbench.defenses.base import DefendedModel
-from advbench.models.architectures import build_classifier, build_stage
+from advbench.models.architectures import build_deployed
 from advbench.training.config import TrainConfig
 from advbench.training.recipes import TrainingRecipe
 from advbench.training.save import save_tensors
@@ -91,9 +90,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
 def build_model(config: TrainConfig, recipe: TrainingRecipe, index: int, channels: int) -> nn.Module:
     """Phase ``index``'s fresh model: the classifier, in its defense stages if the recipe has any."""
-    classifier = build_classifier(config.architecture, seed=config.seed + 1000 * index, in_channels=recipe.in_channels(channels))
-    stages = [build_stage(s) for s in recipe.stages()]
-    return DefendedModel(stages, classifier) if stages else classifier
+    return build_deployed(config.architecture, seed=config.seed + 1000 * index, in_channels=recipe.in_channels(channels),
+                          stages=recipe.stages())
 
 
 def run_loop(

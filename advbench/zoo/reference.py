@@ -304,16 +304,10 @@ def build(name: str, *, seed: int | None = None) -> nn.Module:
     front of a classifier widened to the encoding's channels, the module tree the training loop
     saved (so the shipped state dict loads into it)."""
     spec = get_spec(name)
-    seed = spec.recipe.seed if seed is None else seed
-    arch = spec.arch or name
     method = make_recipe(spec.recipe.method, dict(spec.recipe.method_params))
-    stages = method.stages()
-    in_channels = method.in_channels(spec.input_shape[0])
-    if not stages and in_channels is None:
-        return architectures.build(arch, seed=seed)
-    classifier = architectures.build_classifier(arch, seed=seed, in_channels=in_channels).eval()
-    built = [architectures.build_stage(s) for s in stages]
-    return (DefendedModel(built, classifier) if built else classifier).eval()
+    return architectures.build_deployed(spec.arch or name, seed=spec.recipe.seed if seed is None else seed,
+                                        in_channels=method.in_channels(spec.input_shape[0]),
+                                        stages=method.stages()).eval()
 
 
 def load_zoo_model(name: str, pretrained: bool = True, root: str | None = None) -> nn.Module:
