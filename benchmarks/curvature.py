@@ -137,7 +137,7 @@ def section(name: str, run: Path, linear: Path, seconds: float) -> tuple[list[st
               f"- Linear bins (the seed's) on the same spectra: {lin['tied_across_groups']} of {lin['images']} images "
               f"share their KL with an image of another group (symlog: {res['tied_across_groups']}); Spearman of linear "
               f"KL with min_distance_l2 {_ci(**_est(lin['spearman']['kl']['min_distance_l2']))}.",
-              f"- Boundary points transfer to the second model: "
+              "- Boundary points transfer to the second model: "
               + (f"{res['boundary_transfer_rate']:.1%}." if "boundary_transfer_rate" in res else "no second model."),
               f"- Decision-boundary curvature at the boundary points: median |k| {_g(res['boundary_curvature_abs_median'])}."]
     return lines, {"model": model, "verdicts": verdicts, "summary": res}

@@ -125,7 +125,7 @@ def test_targeted_pgd_matches_torchattacks(setup):
     assert (res.pred_adv == ref).float().mean() >= 0.99
 
 
-SEEDS = (0, 1, 2)
+SEEDS = tuple(range(8))  # one run's robust accuracy moves by about a point from seed to seed
 
 
 def mean_over_seeds(fn) -> float:
@@ -135,8 +135,11 @@ def mean_over_seeds(fn) -> float:
 def test_pgd_linf_random_start_matches_torchattacks(setup):
     """Both draw the start uniformly from the linf ball, so only the draws differ (we seed the two
     libraries differently on purpose, so that the comparison does not rest on a shared random
-    stream). On these models one run's robust accuracy moves by about 0.5 points from seed to
-    seed, so the mean of three runs each side must agree within 1.5 points."""
+    stream). On these models one run's robust accuracy moves by 0.5 to 1 point from seed to seed
+    (12 seeds of the l2 attack on digits-cnn: 16.1% to 19.7%, std 1.0 point), so the means of
+    eight runs each side must agree within 1.5 points (about 3 standard deviations of their
+    difference; with three runs a side it was under 2, and failed on a machine where the model
+    trained otherwise: 16.9% against foolbox's 18.4%, where 12 seeds give 17.8% and 18.0%)."""
     model, x, y = setup
     alpha = 2.5 * EPS_LINF / STEPS
     a = mean_over_seeds(lambda s: 1 - ours(model, x, y, "pgd", ThreatModel(eps=EPS_LINF), seed=s, steps=STEPS).success_rate)

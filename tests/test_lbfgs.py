@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -220,14 +222,19 @@ def test_targeted_reaches_the_target(mode, digits_test, digits_mlp):
 
 @pytest.mark.parametrize("mode", ["untargeted", "least_likely"])
 def test_examples_are_independent(mode, digits_test, digits_cnn):
-    x, y = digits_test.x[:30], digits_test.y[:30]
+    """In float64: in float32 a batch of 30 and one of 6 go through kernels that sum in other
+    orders, and the search over c can amplify that rounding into another accepted c (seen on one
+    CPU: 0.046 in one pixel of one example); in float64 the batches agree exactly, so any
+    difference left would be cross-talk between examples."""
+    model = copy.deepcopy(digits_cnn).double()
+    x, y = digits_test.x[:30].double(), digits_test.y[:30]
     threat = ThreatModel(norm="l2", eps=1.0, targeting=mode)
     attack = ATTACKS.create("lbfgs", search_steps=4)
-    full = attack(digits_cnn, x, y, threat)
-    part = attack(digits_cnn, x[7:13], y[7:13], threat)
-    alone = attack(digits_cnn, x[9:10], y[9:10], threat)
-    assert torch.allclose(full.x_minimal[7:13], part.x_minimal, atol=1e-5)
-    assert torch.allclose(full.x_minimal[9:10], alone.x_minimal, atol=1e-5)
+    full = attack(model, x, y, threat)
+    part = attack(model, x[7:13], y[7:13], threat)
+    alone = attack(model, x[9:10], y[9:10], threat)
+    assert torch.allclose(full.x_minimal[7:13], part.x_minimal, atol=1e-9)
+    assert torch.allclose(full.x_minimal[9:10], alone.x_minimal, atol=1e-9)
 
 
 def test_config_errors_and_threats(digits_test, digits_mlp):

@@ -44,7 +44,8 @@ def test_ifgsm_trace_records_the_first_misclassification(digits_cnn, clean_corre
         assert trace.mse[i].item() == pytest.approx(mse, rel=1e-9)
         with torch.no_grad():
             p = torch.softmax(digits_cnn(trace.iterates[t, i : i + 1]).double(), dim=1).max()
-        assert trace.confidence[i].item() == pytest.approx(float(p), rel=1e-6)
+        # a batch and one row go through float32 kernels that sum in other orders (1.6e-6 relative seen)
+        assert trace.confidence[i].item() == pytest.approx(float(p), rel=1e-5)
     assert bool(trace.mse[~found].isnan().all()) and bool(trace.confidence[~found].isnan().all())
     assert torch.equal(trace.flips, (trace.labels[:, 1:] != trace.labels[:, :-1]).sum(dim=1))
     # a larger step misclassifies in no more steps, here in fewer on the median

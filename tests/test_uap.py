@@ -18,7 +18,8 @@ from advbench.threat import Norm, ThreatModel
 
 N_FIT = 200
 EPS = {"linf": 0.3, "l2": 2.0}
-FAST = {"deepfool": {"max_passes": 3}, "sgd": {"epochs": 5}}
+# deepfool: 3 passes stopped at 34% at linf on one machine's digits-cnn (random: 17%); 5 reach 50%
+FAST = {"deepfool": {"max_passes": 5}, "sgd": {"epochs": 5}}
 
 
 def universal(norm: str, **kw) -> ThreatModel:
