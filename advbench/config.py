@@ -33,7 +33,7 @@ from advbench.specs import (
     seed_field,
     validated,
 )
-from advbench.threat import Knowledge, Norm, ThreatModel
+from advbench.threat import Knowledge, Norm, Scope, ThreatModel
 
 DEFAULT_CONFIG_YAML = """\
 # The embedded default: `advbench evaluate` with no argument runs this.
@@ -143,6 +143,15 @@ class AnalysisSpec(_Strict):
     amplify: list[float] = Field(default_factory=list)  # transfer: also each perturbation scaled to these stds
 
 
+class FitSpec(_Strict):
+    """The examples a universal threat model's perturbation is fit on: ``n`` drawn (with the run
+    seed) from ``split`` of the evaluated data set. From the evaluated split itself they are drawn
+    among the examples not evaluated, so the fooling rate is always measured on held-out images."""
+
+    split: str = "train"
+    n: int = Field(default=500, ge=1)
+
+
 EXECUTORS = ("inprocess", "ray")
 
 
@@ -191,6 +200,7 @@ class BenchmarkConfig(_Strict):
     randomized_scoring: Literal["mean", "all"] = "mean"  # robust on average over draws, or in every draw
     masking_checks: bool = True
     analysis: AnalysisSpec | None = None  # transfer and destruction-rate matrices (keeps adversarial examples)  # gradient-masking flags, an unbounded probe and gradient checks
+    fit: FitSpec | None = None  # what universal perturbations are fit on (needed with a universal threat)
 
     @field_validator("adaptive", mode="before")
     @classmethod
@@ -253,7 +263,7 @@ class BenchmarkConfig(_Strict):
                                  ("perceptual", None), ("physical", None)):
                 if threat.get(key) == default:
                     threat.pop(key, None)
-        for key, default in (("analysis", None), ("channels_last", False)):
+        for key, default in (("analysis", None), ("channels_last", False), ("fit", None)):
             if d.get(key) == default:  # configs without it keep the hashes (and stored runs) they had
                 d.pop(key, None)
         return d
@@ -318,7 +328,7 @@ def validate_names(config: BenchmarkConfig) -> None:
             except AdvbenchError as exc:  # an unknown transformation or a bad parameter
                 raise ConfigError(f"threat physical: {exc}") from None
     for spec in config.attacks:
-        attack = ATTACKS.create(spec.name, **spec.params)
+        ATTACKS.create(spec.name, **spec.params)  # its parameters, checked first
         if spec.norms is not None:
             for n in spec.norms:
                 try:
@@ -332,7 +342,14 @@ def validate_names(config: BenchmarkConfig) -> None:
                 if k not in {x.value for x in Knowledge}:
                     raise ConfigError(f"attack {spec.name!r}: unknown knowledge {k!r} in 'knowledge'; "
                                       f"allowed: {', '.join(x.value for x in Knowledge)}")
-        for tm in attack_threats(config, spec):
+    _check_coverage(config)
+    for spec in config.attacks:
+        attack = ATTACKS.create(spec.name, **spec.params)
+        routed = attack_threats(config, spec)
+        if not routed:
+            raise ConfigError(f"attack {spec.name!r} runs under none of the config's threat models: "
+                              f"{_unrouted(attack, config.threat_models())}")
+        for tm in routed:
             reason = attack.supports(tm)
             if reason:
                 field = "norms" if "norm" in reason else "knowledge" if "knowledge" in reason else None
@@ -340,9 +357,35 @@ def validate_names(config: BenchmarkConfig) -> None:
                 raise ConfigError(f"{reason} (threat {tm.describe()}){hint}")
 
 
+def _check_coverage(config: BenchmarkConfig) -> None:
+    """Every threat model is met by some attack entry (routing by axes may leave one with none),
+    and a universal one has the examples to fit its perturbation on."""
+    covered = {t for spec in config.attacks for t in attack_threats(config, spec)}
+    for tm in config.threat_models():
+        if tm not in covered:
+            raise ConfigError(f"threat {tm.describe()} is met by none of the attack entries; add one made for it "
+                              f"(universal: uap or patch; a region: patch; a physical feed: eot-pgd or any "
+                              f"per-example attack) or check the entries' 'norms' and 'knowledge'")
+        if tm.scope is Scope.UNIVERSAL and config.fit is None:
+            raise ConfigError(f"threat {tm.describe()} is universal: give the examples its perturbation is fit on, "
+                              f"held out from the evaluated ones (fit: {{split: train, n: 500}})")
+
+
+def _unrouted(attack: Any, threats: list[ThreatModel]) -> str:
+    """Why an attack is made for none of ``threats`` (by its scopes, regions and needs)."""
+    scopes = ", ".join(sorted(s.value for s in attack.scopes))
+    return (f"it is made for {attack.made_for_text}" if attack.made_for_text else
+            f"it produces {scopes} perturbations{' and keeps no region' if not attack.regions else ''}")
+
+
 def attack_threats(config: BenchmarkConfig, spec: AttackSpec) -> list[ThreatModel]:
-    """The threat models an attack entry runs under: all, or those whose norm and knowledge it lists."""
+    """The threat models an attack entry runs under: all, or those whose norm and knowledge it
+    lists; of these, only those whose scope, region and physical feed the attack is made for
+    (:meth:`~advbench.attacks.base.Attack.made_for`: uap meets the universal threats, patch the
+    region ones, eot-pgd the physical ones, and a per-example attack the rest)."""
+    attack = ATTACKS.create(spec.name, **spec.params)
     return [t for t in config.threat_models()
             if (spec.norms is None or t.norm.value in spec.norms)
-            and (spec.knowledge is None or t.knowledge.value in spec.knowledge)]
+            and (spec.knowledge is None or t.knowledge.value in spec.knowledge)
+            and attack.made_for(t)]
 

@@ -118,6 +118,9 @@ class Attack(Configurable, ABC):
     scopes: ClassVar[frozenset[Scope]] = frozenset({Scope.INDIVIDUAL})
     #: whether it honours a region (changes only inside each example's square: ``_run_in_region``)
     regions: ClassVar[bool] = False
+    #: the threat models it is made for, in words, when :meth:`made_for` asks more than its
+    #: scopes and regions say (the error for a config entry that meets none of them)
+    made_for_text: ClassVar[str] = ""
     #: what kind of attack it is, for the gradient-masking checks (:mod:`advbench.eval.masking`):
     #: ``single_step``, ``iterative`` (an iterative ascent of the same goal), ``minimal``,
     #: ``score_based``, ``decision_based``, ``transfer`` or ``other``
@@ -145,6 +148,13 @@ class Attack(Configurable, ABC):
                 f"but the threat model grants {threat.knowledge.value!r}"
             )
         return None
+
+    def made_for(self, threat: ThreatModel) -> bool:
+        """Whether ``threat``'s axes beyond the Lp ball are ones this attack is made for (its
+        scope, and a region only if it honours one): a config routes each attack entry to these
+        threats only, so a universal attack and a per-example one can share a config. Norm,
+        targeting and knowledge are not routed: an entry meeting a threat it cannot run is an error."""
+        return threat.scope in self.scopes and (threat.region is None or self.regions)
 
     def check_threat(self, threat: ThreatModel) -> None:
         reason = self.supports(threat)

@@ -21,7 +21,7 @@ or the ``transform`` parameter. Each step runs a differentiable version of it (:
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -241,6 +241,8 @@ class EoTPGD(PGD):
     2.5 eps / steps by default).
     """
 
+    made_for_text: ClassVar[str] = "threat models with a physical feed (physical: {transform: photo})"
+
     class Params(PGD.Params):
         transform: str | dict[str, Any] | None = None  # None: the threat model's physical transform
         samples: params.Count = 8
@@ -257,6 +259,10 @@ class EoTPGD(PGD):
     def randomized(self) -> bool:  # type: ignore[override]
         """Always: the transformations' draws come from the generator, whatever the start."""
         return True
+
+    def made_for(self, threat: ThreatModel) -> bool:
+        """Threat models with a physical feed (unless the attack brings its own transformation)."""
+        return super().made_for(threat) and (self._transform is not None or threat.physical is not None)
 
     def supports(self, threat: ThreatModel) -> str | None:
         """The base checks, and that there is a transformation to take the expectation over."""

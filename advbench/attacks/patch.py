@@ -147,6 +147,7 @@ class Patch(GradientAttack):
     targeting: ClassVar[frozenset[Targeting]] = frozenset(Targeting)  # universal: untargeted or fixed only
     scopes: ClassVar[frozenset[Scope]] = frozenset({Scope.INDIVIDUAL, Scope.UNIVERSAL})
     regions: ClassVar[bool] = True
+    made_for_text: ClassVar[str] = "threat models with a region (region: {size: S, location: random})"
     randomized: ClassVar[bool] = True
     kind: ClassVar[str] = "iterative"
 
@@ -181,6 +182,11 @@ class Patch(GradientAttack):
             if self.scale[0] > self.scale[1]:
                 raise ValueError(f"scale must be [lo, hi] with lo <= hi, got {list(self.scale)}")
             return self
+
+    def made_for(self, threat: ThreatModel) -> bool:
+        """Region threat models only: without a region the patch attack would be PGD over the
+        whole image (which it can still be run as, from Python), a row pgd already gives."""
+        return super().made_for(threat) and threat.region is not None
 
     def supports(self, threat: ThreatModel) -> str | None:
         """The base checks; a universal patch is pasted content, so it needs a region and norm unbounded."""

@@ -66,7 +66,7 @@ from advbench.eval.plan import (
     plan_probes,
 )
 from advbench.eval.ray_executor import RayExecutor
-from advbench.eval.tables import robust_accuracy_matrix, robust_accuracy_table
+from advbench.eval.tables import constraints_of, robust_accuracy_matrix, robust_accuracy_table
 from advbench.eval.worker import Worker, checked_logits, examples_digest
 from advbench.files import atomic_write_text, write_npz_rows
 from advbench.loading import load_data
@@ -95,19 +95,6 @@ class EvaluationResult:
         return masking_lines(self.masking)
 
 
-def refuse_untabulated_axes(config: BenchmarkConfig) -> None:
-    """A ConfigError for a threat model with an axis beyond the Lp ball (scope, region,
-    perceptual, physical): the attacks and the audit enforce them (the Python API), but the
-    result tables do not yet key rows by them, so two such threats of one norm and eps would
-    share a row. Refused before anything is written rather than tabulated wrongly."""
-    for tm in config.threat_models():
-        if tm.constrained:
-            raise ConfigError(
-                f"threat {tm.describe()}: `advbench evaluate` does not tabulate the scope, region, perceptual "
-                "and physical axes yet; run the attack from Python (ATTACKS.create(name)(model, x, y, threat)), "
-                "whose result is audited under them")
-
-
 def evaluate(
     config: BenchmarkConfig,
     out_dir: str | Path,
@@ -134,7 +121,6 @@ def evaluate(
     its store is created, so it leaves nothing behind."""
     out = Path(out_dir)
     check_out_dir(out)
-    refuse_untabulated_axes(config)
     device = resolve_device(config.device)
     config_hash = config.hash()
     started = timestamp()
@@ -171,6 +157,7 @@ def evaluate(
                  "indices_sha": _indices_digest(indices),
                  "examples_sha": examples_digest(data, tuple(int(i) for i in indices))},
         "model_digests": {m.name: worker.base_model(model_spec(m))[1] for m in config.models},
+        **_fit_provenance(jobs),
         "versions": versions(),
         "device": device_info(device),
         "started": started,
@@ -237,6 +224,16 @@ def _run(config: BenchmarkConfig, out: Path, worker: Worker, runner: Executor, j
     return table, matrix, masking, todo, jobs_seconds
 
 
+def _fit_provenance(jobs: list[Job]) -> dict[str, Any]:
+    """What universal perturbations were fit on (a run with a universal threat model only)."""
+    job = next((j for j in jobs if j.fit is not None), None)
+    if job is None:
+        return {}
+    idx = np.asarray(job.fit["indices"], dtype=np.int64)  # type: ignore[index]
+    return {"fit": {"split": job.fit["split"], "n": int(len(idx)), "indices_sha": _indices_digest(idx),  # type: ignore[index]
+                    "examples_sha": job.content.get("fit")}}
+
+
 def make_executor(spec: Any) -> Executor:
     """The executor a config's ``executor`` entry names (Ray is imported only for a Ray run)."""
     if spec.name == "ray":
@@ -267,7 +264,8 @@ def preflight(config: BenchmarkConfig, data: Any, indices: np.ndarray, worker: W
 
     Errors: a threat model whose bounds do not contain the evaluated examples; a model (behind each
     defense) that fails on an example, returns no finite logits, fewer scores than the data has
-    classes, or fewer than a fixed target class needs. Warnings: a model with more scores than the
+    classes, or fewer than a fixed target class needs; a region that does not fit the images; a
+    physical feed on a randomized model. Warnings: a model with more scores than the
     data has classes (a prediction of another class counts as an error); ``quantize: 8bit`` on
     examples that are not on the 8-bit grid (their 8-bit images may not fit the ball: rejected)."""
     notes: list[str] = []
@@ -280,6 +278,11 @@ def preflight(config: BenchmarkConfig, data: Any, indices: np.ndarray, worker: W
             raise ConfigError(f"the evaluated examples lie in [{lo_x:g}, {hi_x:g}], outside the bounds [{lo:g}, {hi:g}] "
                               f"of threat {t.describe()}; give bounds that contain the data (inputs in [0, 1] with "
                               f"the normalization inside the model is the convention)")
+        if t.region is not None:
+            if x.dim() != 4:
+                raise ConfigError(f"threat {t.describe()} has a region, which needs images (N, C, H, W); "
+                                  f"the data's examples have shape {tuple(x.shape[1:])}")
+            t.region.check_fits(x.shape[2], x.shape[3])
         if t.quantize == "8bit" and not torch.equal(quantize_8bit(x, t.bounds), x):
             note = (f"quantize: 8bit with examples off the 8-bit grid of bounds [{lo:g}, {hi:g}]: an example whose "
                     f"8-bit image leaves the eps-ball is rejected by the audit")
@@ -300,6 +303,12 @@ def preflight(config: BenchmarkConfig, data: Any, indices: np.ndarray, worker: W
                     f"a prediction outside 0..{data.num_classes - 1} counts as a misclassification")
             if k > data.num_classes and note not in notes:
                 notes.append(note)
+            defended = find_defended(deployed)
+            physical = next((t for t in config.threat_models() if t.physical is not None), None)
+            if physical is not None and defended is not None and defended.randomized:
+                raise ConfigError(f"threat {physical.describe()} has a physical feed and model {m.name!r} behind "
+                                  f"defense {d.name!r} is randomized: the two randomnesses are not scored together "
+                                  f"yet; evaluate that model without the physical field")
     return notes
 
 
@@ -399,7 +408,9 @@ def _write_adversarial(store: ResultStore, config_hash: str, jobs: list[Job], da
     for (model, defense, threat_json, attack), parts in cells.items():
         t = json.loads(threat_json)
         eps = "inf" if t["eps"] is None else f"{t['eps']:g}"
-        name = f"{model}__{defense}__{attack}__{t['norm']}-{eps}__{t['targeting']}.npz"
+        extra = "".join(f"__{v}" for v in (t["knowledge"] if t["knowledge"] != Knowledge.WHITE_BOX.value else "",
+                                           constraints_of(t)) if v)  # threats apart in these: files apart
+        name = f"{model}__{defense}__{attack}__{t['norm']}-{eps}__{t['targeting']}{extra}.npz"
         shards = (store.adversarial(config_hash, j.key) for j in sorted(parts, key=lambda j: j.shard))
         write_npz_rows(folder / name, shards, sum(len(j.indices) for j in parts))
 

@@ -50,7 +50,7 @@ from advbench.eval.masking import (
     Finding,
     tolerance,
 )
-from advbench.eval.tables import _threat_columns, is_worst_case
+from advbench.eval.tables import _threat_columns, constraints_of, is_worst_case
 from advbench.registry import ATTACKS
 from advbench.tensors import frozen, rand_like
 from advbench.threat import ThreatModel
@@ -282,7 +282,7 @@ def probe_findings(jobs: pd.DataFrame, table: pd.DataFrame, probes: pd.DataFrame
         view = info.get(attack, AttackInfo(attack)).view
         p = pd.Series({"model": model, "defense": defense, **t})
         where = {"model": model, "defense": defense, "attack": _same_view(table, info, p, view), "norm": t["norm"],
-                 "targeting": t["targeting"], "knowledge": t["knowledge"]}
+                 "targeting": t["targeting"], "knowledge": t["knowledge"], "constraints": t["constraints"]}
         scope = f"{attack} ({view} view)"
         row = None
         if probes is not None and not probes.empty:
@@ -364,7 +364,7 @@ def optimality(examples: pd.DataFrame, jobs: pd.DataFrame, info: dict[str, Attac
             area = float(clipped[a].sum())
             ratio = float(best / area) if area > 0 else 1.0
             where = {"model": model, "defense": defense, "attack": a, "norm": t["norm"],
-                     "targeting": t["targeting"], "knowledge": t["knowledge"]}
+                     "targeting": t["targeting"], "knowledge": t["knowledge"], "constraints": constraints_of(t)}
             rows.append(_round({**where, "view": info.get(a, AttackInfo(a)).view, "n": len(common),
                                 "eps_max": e_max, "area": area / len(common), "area_best": float(best) / len(common),
                                 "optimality": ratio, "compared_with": [b for b in attacks if b != a]}))

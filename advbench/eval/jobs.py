@@ -51,6 +51,9 @@ class Job:
     #: rerun the attack with a doubled budget on this many of the shard's first examples (the run's
     #: first examples: Carlini et al.'s "more iterations" check); not part of the key or seed
     more_examples: int = 0
+    #: a universal threat model's fit set: ``{"split": ..., "indices": [...]}`` of the job's data
+    #: set (its content digest is ``content["fit"]``); None for every other job
+    fit: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
@@ -66,6 +69,8 @@ class Job:
             d.pop(kept)
         if d["draws"] == 1:
             d.pop("draws")
+        if d["fit"] is None:  # jobs without a fit set keep the keys they had
+            d.pop("fit")
         if not content or not d["content"]:
             d.pop("content")
         if not d["sweep_after"] or not content:  # (its keys hold content digests: seeds stay content-free)
@@ -136,6 +141,11 @@ class Job:
         d["indices"], d["after"] = tuple(d["indices"]), tuple(d["after"])
         d["sweep_after"] = tuple(tuple(a) for a in d.get("sweep_after", ()))
         return cls(**d)
+
+    @property
+    def fit_data(self) -> dict[str, Any] | None:
+        """The data spec of the fit set's split (None without a fit set)."""
+        return None if self.fit is None else {**self.data, "split": self.fit["split"]}
 
 
 @dataclass(frozen=True)

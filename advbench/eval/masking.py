@@ -219,6 +219,8 @@ class Finding:
         threat = " ".join(str(w[k]) for k in ("norm", "targeting") if k in w and w[k] != "untargeted")
         if "eps" in w:
             threat += f" eps {_eps(w['eps'])}"
+        if w.get("constraints"):
+            threat += f" {w['constraints']}"
         scope = " / ".join(str(p) for p in (w.get("model"), w.get("defense"), attacks) if p)
         return f"[{self.code}] {scope}{f' ({threat.strip()})' if threat.strip() else ''}: {self.seen}; try: {self.advice}"
 
@@ -236,7 +238,8 @@ def _eps(e: float) -> str:
 
 
 def _cell(row: Any) -> dict[str, Any]:
-    return {k: getattr(row, k) for k in ("model", "defense", "attack", "norm", "eps", "targeting", "knowledge")}
+    return {k: getattr(row, k) for k in ("model", "defense", "attack", "norm", "eps", "targeting", "knowledge",
+                                         "constraints")}
 
 
 def _lookup(info: dict[str, AttackInfo] | None):
@@ -247,10 +250,18 @@ def _lookup(info: dict[str, AttackInfo] | None):
 
 
 # ---------------------------------------------------------------------- table checks
+def with_constraints(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with its ``constraints`` column as strings ('' where unset, or for a table built
+    without it): the checks compare rows within one threat, axes beyond the ball included."""
+    values = table["constraints"].fillna("").astype(str) if "constraints" in table else ""
+    return table.assign(constraints=values)
+
+
 def check_eps_trend(table: pd.DataFrame) -> list[Finding]:
     """``eps_flat``: robust accuracy rises with eps, or stays flat over a sweep that doubles eps."""
+    table = with_constraints(table)
     out: list[Finding] = []
-    keys = ["model", "defense", "attack", "norm", "targeting", "knowledge"]
+    keys = ["model", "defense", "attack", "norm", "targeting", "knowledge", "constraints"]
     for _, g in table.groupby(keys, sort=False):
         g = g.sort_values("eps", kind="stable")
         eps, ra = g.eps.to_numpy(float), g.robust_accuracy.to_numpy(float)
@@ -272,10 +283,11 @@ def check_eps_trend(table: pd.DataFrame) -> list[Finding]:
 
 def check_single_step(table: pd.DataFrame, info: dict[str, AttackInfo] | None = None) -> list[Finding]:
     """``single_step``: a single-step attack leaves lower robust accuracy than an iterative one."""
+    table = with_constraints(table)
     get = _lookup(info)
     out: list[Finding] = []
     rows = table[~worst_case_rows(table)]
-    for _, g in rows.groupby(["model", "defense", "norm", "eps", "targeting", "knowledge"], sort=False):
+    for _, g in rows.groupby(["model", "defense", "norm", "eps", "targeting", "knowledge", "constraints"], sort=False):
         tol = tolerance(int(g.n.min()))
         cells = list(g.itertuples())
         for it in cells:
@@ -295,11 +307,12 @@ def check_black_box(table: pd.DataFrame, info: dict[str, AttackInfo] | None = No
     or such an attack run under a white-box threat, as AutoAttack runs Square) beats every
     gradient attack of a view. With a cascaded suite's cumulative rows this is AutoAttack's own
     check that Square, run last, broke points the white-box components left robust."""
+    table = with_constraints(table)
     get = _lookup(info)
     out: list[Finding] = []
     rows = table[~worst_case_rows(table)]
-    for (model, defense, norm, eps, targeting), g in rows.groupby(
-            ["model", "defense", "norm", "eps", "targeting"], sort=False):
+    for (model, defense, norm, eps, targeting, constraints), g in rows.groupby(
+            ["model", "defense", "norm", "eps", "targeting", "constraints"], sort=False):
         kinds = g.attack.map(lambda a: get(a).kind)
         no_gradient = (g.knowledge != "white_box") | kinds.isin(NO_GRADIENT_KINDS)
         black, white = g[no_gradient], g[~no_gradient & (kinds != "suite")]
@@ -317,13 +330,14 @@ def check_black_box(table: pd.DataFrame, info: dict[str, AttackInfo] | None = No
                     f"{bb.attack} ({bb.knowledge}) leaves {_pct(bb.robust_accuracy)} robust but the best white-box "
                     f"attack ({best.attack}) leaves {_pct(best.robust_accuracy)}",
                     {"model": model, "defense": defense, "attack": list(w.attack), "norm": norm, "eps": eps,
-                     "targeting": targeting, "knowledge": "white_box"}))
+                     "targeting": targeting, "knowledge": "white_box", "constraints": constraints}))
     return out
 
 
 def check_large_eps(probes: pd.DataFrame, table: pd.DataFrame,
                     info: dict[str, AttackInfo] | None = None) -> list[Finding]:
     """``large_eps``: the probe (an attack whose ball covers the input range) leaves points robust."""
+    probes, table = with_constraints(probes), with_constraints(table)
     get = _lookup(info)
     out: list[Finding] = []
     for p in probes.itertuples():
@@ -332,14 +346,14 @@ def check_large_eps(probes: pd.DataFrame, table: pd.DataFrame,
         view = get(p.attack).view
         same = table[(table.model == p.model) & (table.defense == p.defense) & (table.norm == p.norm)
                      & (table.targeting == p.targeting) & (table.knowledge == p.knowledge)
-                     & ~worst_case_rows(table)]
+                     & (table.constraints == p.constraints) & ~worst_case_rows(table)]
         labels = [a for a in dict.fromkeys(same.attack) if get(a).view == view]
         out.append(Finding(
             "large_eps",
             f"{p.attack.removeprefix(PROBE_PREFIX)} at {p.norm} eps {_eps(p.eps)} (a ball covering the whole input "
             f"range) leaves {_pct(p.robust_accuracy)} robust on {p.n} examples; an unbounded attack reaches ~0%",
             {"model": p.model, "defense": p.defense, "attack": labels, "norm": p.norm, "targeting": p.targeting,
-             "knowledge": p.knowledge}))
+             "knowledge": p.knowledge, "constraints": p.constraints}))
     return out
 
 
@@ -459,10 +473,11 @@ def gradient_findings(stats: GradientStats, where: dict[str, Any], where_all: di
 def flags_column(table: pd.DataFrame, findings: Iterable[Finding]) -> pd.Series:
     """Per table row, the codes of the findings that select it, joined by ``;`` ('' for none)."""
     codes: list[set[str]] = [set() for _ in range(len(table))]
+    keyed = with_constraints(table)
     for f in findings:
         mask = np.ones(len(table), dtype=bool)
         for col, val in f.where.items():
-            mask &= table[col].isin(val if isinstance(val, (list, tuple)) else [val]).to_numpy()
+            mask &= keyed[col].isin(val if isinstance(val, (list, tuple)) else [val]).to_numpy()
         for i in np.flatnonzero(mask):
             codes[i].add(f.code)
     order = list(FLAGS)

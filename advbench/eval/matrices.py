@@ -32,6 +32,7 @@ from advbench.analysis.transfer_matrix import transfer_matrix
 from advbench.config import BenchmarkConfig
 from advbench.eval.jobs import Job
 from advbench.eval.plan import defense_spec, model_spec
+from advbench.eval.tables import constraints_of
 from advbench.eval.worker import Worker
 from advbench.files import atomic_write_text
 from advbench.store import ResultStore
@@ -60,7 +61,8 @@ def stored_cells(store: ResultStore, config_hash: str, jobs: list[Job], data: An
 
 def _threat_columns(threat_json: str) -> dict[str, Any]:
     t = json.loads(threat_json)
-    return {"norm": t["norm"], "eps": t["eps"], "targeting": t["targeting"], "knowledge": t["knowledge"]}
+    return {"norm": t["norm"], "eps": t["eps"], "targeting": t["targeting"], "knowledge": t["knowledge"],
+            "constraints": constraints_of(t)}
 
 
 def transfer_table(cells: dict[Cell, dict[str, np.ndarray]], models: dict[tuple[str, str], torch.nn.Module],

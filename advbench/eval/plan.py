@@ -23,7 +23,8 @@ from advbench.eval.masking import INDICATOR_EXAMPLES, PROBE_EXAMPLES, probe_eps
 from advbench.eval.worker import Worker
 from advbench.registry import ATTACKS
 from advbench.specs import DefenseSpec, ModelSpec
-from advbench.threat import Knowledge, ThreatModel
+from advbench.errors import AdvbenchError, ConfigError, DataError
+from advbench.threat import Knowledge, Scope, ThreatModel
 
 
 def _threat_groups(config: BenchmarkConfig) -> list[list[ThreatModel]]:
@@ -97,11 +98,18 @@ def plan_jobs(config: BenchmarkConfig, indices: np.ndarray, save_adversarial: bo
     budget (:mod:`advbench.eval.indicators`); neither changes a job's key or seed."""
     worker = worker or Worker(torch.device("cpu"))
     data = config.data.model_dump(mode="json")
-    shards = [tuple(int(i) for i in indices[s : s + config.batch_size]) for s in range(0, len(indices), config.batch_size)]
+    batched = [tuple(int(i) for i in indices[s : s + config.batch_size]) for s in range(0, len(indices), config.batch_size)]
     labels = config.attack_labels()
     jobs: list[Job] = []
+    fit = None
     for mspec, dspec, mtags, threats in _cells(config, worker):
+        universal = threats[0].scope is Scope.UNIVERSAL
+        # a universal perturbation is one for every example: its jobs are not sharded
+        shards = [tuple(int(i) for i in indices)] if universal else batched
         content = [worker.content(data, mspec, shard) for shard in shards]
+        if universal:
+            fit = fit or fit_set(config, indices, worker)
+            content = [{**c, "fit": worker.content(fit.data, mspec, fit.indices)["data"]} for c in content]
         draws = config.draws if mtags.randomized else 1
         views = attack_views(config, mtags) if threats[0].knowledge is Knowledge.WHITE_BOX else [("", None)]
         earlier: dict[tuple[int, ThreatModel], list[str]] = {}  # config.cascade: every earlier job
@@ -113,7 +121,8 @@ def plan_jobs(config: BenchmarkConfig, indices: np.ndarray, save_adversarial: bo
             in_suite: dict[tuple[int, ThreatModel], list[str]] = {}  # a suite's cascade: its earlier components
             for part in planned_parts(attack.name, attack.params, label, planned[0]):
                 minimal = bool(getattr(ATTACKS.get(part.name).factory, "minimal", False))  # a class attribute
-                traced = (config.masking_checks and not minimal
+                # the path indicators audit each iterate under the Lp ball alone: not for the other axes
+                traced = (config.masking_checks and not minimal and not planned[0].constrained
                           and getattr(ATTACKS.get(part.name).factory, "kind", "") == "iterative")
                 extra = {**({"minimal": True} if minimal else {}),
                          **({"suite": part.suite + suffix, "suite_cascade": part.cascade} if part.suite else {})}
@@ -128,11 +137,48 @@ def plan_jobs(config: BenchmarkConfig, indices: np.ndarray, save_adversarial: bo
                     more = max(0, min(len(shards[s]), INDICATOR_EXAMPLES - s * config.batch_size))
                     job = Job(data, mspec, dspec, threat.to_dict(), aspec, s, shards[s], config.seed, after,
                               save_adversarial, draws, content[s], sweep_after=sweep, indicators=traced,
-                              more_examples=more if traced and not part.suite else 0)
+                              more_examples=more if traced and not part.suite else 0,
+                              fit=fit.spec if universal and fit is not None else None)
                     earlier.setdefault((s, threat), []).append(job.key)
                     in_suite.setdefault((s, threat), []).append(job.key)
                     jobs.append(job)
     return jobs
+
+
+@dataclasses.dataclass(frozen=True)
+class FitSet:
+    """The examples universal perturbations are fit on (``config.fit``): a split of the evaluated
+    data set and the indices drawn from it, disjoint from the evaluated ones on the same split."""
+
+    data: dict[str, Any]  # the data spec of the fit split
+    indices: tuple[int, ...]
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {"split": self.data["split"], "indices": list(self.indices)}
+
+
+def fit_set(config: BenchmarkConfig, indices: np.ndarray, worker: Worker) -> FitSet:
+    """``config.fit``'s examples: ``n`` drawn with the run seed from its split, among the examples
+    not evaluated when that is the evaluated split (a DataError when too few are left)."""
+    spec = config.fit
+    if spec is None:
+        raise ConfigError("a universal threat model needs the examples to fit on (fit: {split: train, n: 500})")
+    data = {**config.data.model_dump(mode="json"), "split": spec.split}
+    try:
+        pool = worker.data(data)
+    except AdvbenchError as exc:
+        raise ConfigError(f"fit: split {spec.split!r}: {exc}") from None
+    candidates = np.arange(len(pool))
+    if spec.split == config.data.split:
+        candidates = np.setdiff1d(candidates, np.asarray(indices))
+    if spec.n > len(candidates):
+        left = " beside the evaluated ones" if spec.split == config.data.split else ""
+        raise DataError(f"fit: n is {spec.n} but split {spec.split!r} has {len(candidates)} examples{left}; "
+                        f"allowed: 1..{len(candidates)}")
+    g = torch.Generator().manual_seed(config.seed + 1)  # not the evaluated examples' draw
+    pick = torch.randperm(len(candidates), generator=g)[: spec.n].sort().values.numpy()
+    return FitSet(data, tuple(int(i) for i in candidates[pick]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,8 +235,8 @@ def plan_probes(config: BenchmarkConfig, indices: np.ndarray, input_numel: int,
     jobs: list[Job] = []
     for mspec, dspec, mtags, threats in _cells(config, worker):
         eps = probe_eps(threats[0].norm.value, threats[0].bounds, input_numel)
-        if threats[0].knowledge is not Knowledge.WHITE_BOX or eps is None:
-            continue
+        if threats[0].knowledge is not Knowledge.WHITE_BOX or eps is None or threats[0].constrained:
+            continue  # (the probe is for the Lp ball alone)
         threat = dataclasses.replace(threats[0], eps=eps)
         if attack.supports(threat):
             continue

@@ -12,6 +12,8 @@ Definitions (n = evaluated examples):
   example) / n: for a targeted threat, a misclassification into another class than the target
   breaks the example too, though it is not a success of the attack
 - attack_success_rate = #(successful attacks) / #(clean correct)  (targeted: target reached)
+- fooling_rate (universal threat models only, else NaN) = #(examples whose prediction the audited
+  shared perturbation changes, whatever the label) / n: every held-out example carries it
 - audit_violations = #(attacked examples rejected by the threat-model audit)
 - median/mean distance: over successful examples, in the threat model's norm. For a
   minimal-perturbation attack (C&W, DeepFool, L-BFGS): over the clean-correct examples where it
@@ -19,6 +21,12 @@ Definitions (n = evaluated examples):
   same at every eps); ``found_rate`` is the fraction of clean-correct examples where it found one
 - a minimal-perturbation attack runs once per threat model and shard and is re-audited at each
   eps, so its rows at every eps report that one run's seconds and passes
+
+``constraints`` names a threat's axes beyond the Lp ball (scope, region, perceptual bound,
+physical feed; :meth:`~advbench.threat.ThreatModel.constraint_label`), empty when it has none:
+two threats of one norm and eps that differ there are two rows, and never share a worst case.
+Under a physical feed an example is broken only where the audit found the goal met on the
+transformation's draws (by the threat's rule): the stored prediction is its first draw's.
 
 A randomized defended model is scored over several draws of its randomness (the records keep
 each draw's clean and adversarial prediction). Per example and draw: clean-correct, and robust
@@ -43,13 +51,18 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from advbench.threat import Scope, ThreatModel
+
+#: the threat fields beyond the Lp ball (present in a threat's JSON only where set)
+AXES = ("scope", "shared_by", "region", "perceptual", "physical")
+
 WORST_CASE = "worst-case"
 ANY_KNOWLEDGE = "any"  # the knowledge column of a worst case over attackers of several knowledge levels
 KNOWLEDGE_ORDER = ("white_box", "score_based", "decision_based", "transfer")
 
 COLUMNS = [
-    "model", "defense", "attack", "norm", "eps", "targeting", "knowledge", "n", "clean_accuracy",
-    "robust_accuracy", "attack_success_rate", "target_is_label", "audit_violations", "quantization_failures", "median_distance",
+    "model", "defense", "attack", "norm", "eps", "targeting", "knowledge", "constraints", "n", "clean_accuracy",
+    "robust_accuracy", "attack_success_rate", "fooling_rate", "target_is_label", "audit_violations", "quantization_failures", "median_distance",
     "mean_distance", "found_rate", "seconds", "n_forward", "n_backward", "n_queries", "flags",
 ]
 
@@ -60,17 +73,35 @@ def _threat_columns(threat_json: str) -> dict[str, object]:
     t = json.loads(threat_json)
     eps = t.get("eps")
     return {"norm": t["norm"], "eps": float("inf") if eps is None else float(eps), "targeting": t["targeting"],
-            "knowledge": t["knowledge"]}
+            "knowledge": t["knowledge"], "constraints": constraints_of(t)}
+
+
+def constraints_of(threat: dict[str, object]) -> str:
+    """A threat's axes beyond the Lp ball as its ``constraints`` column (``universal``,
+    ``square8@random``, ``ssim0.95``, ``photox8-all``, joined by ``-``; empty when none)."""
+    if not any(k in threat for k in AXES):
+        return ""
+    return ThreatModel.from_dict(threat).constraint_label()
+
+
+def _physical(threat_json: str) -> bool:
+    return "physical" in json.loads(threat_json)
+
+
+def _universal(threat_json: str) -> bool:
+    return json.loads(threat_json).get("scope") == Scope.UNIVERSAL.value
 
 
 def _draws(col: pd.Series) -> np.ndarray:
     return np.array([[int(p) for p in s.split(",")] for s in col], dtype=np.int64).reshape(len(col), -1)
 
 
-def _outcomes(ex: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _outcomes(ex: pd.DataFrame, physical: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per example and draw, arrays (n, draws) of: clean prediction correct, attack succeeded,
     example broken (an audited example the model misclassifies, or a success). A deterministic
-    model has one draw (the stored predictions); a randomized one each stored draw."""
+    model has one draw (the stored predictions); a randomized one each stored draw. Under a
+    ``physical`` feed an example is broken only by an audited success: the audit judged it on the
+    transformation's draws by the threat's rule (its stored prediction is the first draw's)."""
     label = ex.label.to_numpy()[:, None]
     valid = ex.valid.to_numpy(dtype=bool)[:, None]
     if len(ex) and "pred_clean_draws" in ex and ex.pred_clean_draws.notna().all():
@@ -80,7 +111,7 @@ def _outcomes(ex: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         success = ex.attacked.to_numpy(dtype=bool)[:, None] & valid & goal
         return pc == label, success, success | (valid & (pa != label))
     success = ex.success.to_numpy(dtype=bool)[:, None]
-    broken = success | (valid & (ex.pred_adv != ex.label).to_numpy()[:, None])
+    broken = success if physical else success | (valid & (ex.pred_adv != ex.label).to_numpy()[:, None])
     return (ex.pred_clean == ex.label).to_numpy()[:, None], success, broken
 
 
@@ -113,6 +144,7 @@ def _row(ex: pd.DataFrame, jobs: pd.DataFrame, clean: np.ndarray, success: np.nd
         "clean_accuracy": float(clean_score) / n if n else float("nan"),
         "robust_accuracy": float(robust_score) / n if n else float("nan"),
         "attack_success_rate": float(asr_num) / float(asr_den) if asr_den else float("nan"),
+        "fooling_rate": _fooling_rate(ex),
         "target_is_label": int((correct & left_out).sum()),
         "audit_violations": int(jobs.violations.sum()),
         "quantization_failures": int(jobs.quantization_failures.sum()),
@@ -125,6 +157,17 @@ def _row(ex: pd.DataFrame, jobs: pd.DataFrame, clean: np.ndarray, success: np.nd
         "n_queries": int(jobs.n_queries.sum()),
         "flags": "",
     }
+
+
+def _fooling_rate(ex: pd.DataFrame) -> float:
+    """Under a universal threat model, Moosavi-Dezfooli et al.'s fooling rate: the share of the
+    held-out examples (all of them: a universal perturbation is applied to every one) whose
+    prediction the audited perturbation changes, whatever the label (a randomized model's, or a
+    physical feed's, first draw). NaN for any other threat model."""
+    if not len(ex) or "threat_json" not in ex or not _universal(ex.threat_json.iloc[0]):
+        return float("nan")
+    changed = ex.valid.to_numpy(dtype=bool) & ex.attacked.to_numpy(dtype=bool) & (ex.pred_adv != ex.pred_clean).to_numpy()
+    return float(changed.mean())
 
 
 def _target_is_label(ex: pd.DataFrame) -> np.ndarray:
@@ -163,7 +206,7 @@ class _Group:
         self.parts = []
         for attack in attacks:
             ex = group[group.attack == attack].set_index("idx").sort_index()
-            clean, success, brk = _outcomes(ex)
+            clean, success, brk = _outcomes(ex, bool(len(ex)) and _physical(ex.threat_json.iloc[0]))
             pos = self.index.get_indexer(ex.index)
             s_all = np.zeros((len(self.index), success.shape[1]), bool)
             b_all = np.zeros((len(self.index), brk.shape[1]), bool)
@@ -279,7 +322,7 @@ def _worst_row(model: str, defense: str, label: str, tcols: dict[str, object], g
     pos = index.get_indexer(ex.index)
     row = {"model": model, "defense": defense, "attack": label, **tcols,
            **_row(ex, gjobs, clean, succeeded[pos], broken[pos], scoring)}
-    row["found_rate"] = float("nan")
+    row["found_rate"] = row["fooling_rate"] = float("nan")  # a worst case is no one perturbation
     succ = pd.concat([part[1][part[1].success] for g in groups for part in g.parts])
     if len(succ):  # the worst case's distances: the smallest successful perturbation over attacks
         best = succ.groupby(level="idx").distance.min().dropna()
@@ -300,7 +343,7 @@ def _sort(table: pd.DataFrame, order: dict[str, list[str]]) -> pd.DataFrame:
         _m=rank("model", table.model), _d=rank("defense", table.defense), _a=rank("attack", table.attack),
         _k=table.knowledge.map(lambda k: levels.index(k) if k in levels else len(levels)),
     )
-    keys = keys.sort_values(["_m", "_d", "norm", "targeting", "_k", "eps", "_a"], kind="stable")
+    keys = keys.sort_values(["_m", "_d", "norm", "targeting", "constraints", "_k", "eps", "_a"], kind="stable")
     return keys.drop(columns=["_m", "_d", "_a", "_k"]).reset_index(drop=True)
 
 
@@ -321,7 +364,9 @@ def robust_accuracy_matrix(table: pd.DataFrame, attack_order: list[str] | None =
         threat=[f"{n} {('inf' if not np.isfinite(e) else labels.get((n, e), f'{e:g}'))}"
                 + ("" if g == "untargeted" else f" {g}")
                 + ("" if k == "white_box" else f" {k}")  # threats that differ only in knowledge stay apart
-                for n, e, g, k in zip(table.norm, table.eps, table.targeting, table.knowledge)],
+                + (f" {c}" if c else "")  # ... or in the axes beyond the Lp ball
+                for n, e, g, k, c in zip(table.norm, table.eps, table.targeting, table.knowledge,
+                                         _constraints(table))],
         acc=(table.robust_accuracy * 100).round(1),
     )
     clean = t.groupby(["model", "defense"], sort=False).clean_accuracy.first().mul(100).round(1)
@@ -341,6 +386,14 @@ def robust_accuracy_matrix(table: pd.DataFrame, attack_order: list[str] | None =
         m["flags"] = [";".join(sorted(codes.get(r, {}), key=lambda c: rank.get(c, len(rank)))) for r in m.index]
     m.columns.name = "robust accuracy %"
     return m
+
+
+def _constraints(table: pd.DataFrame) -> pd.Series:
+    """A table's ``constraints`` column (empty strings where unset, or for a table read from an
+    older results.csv without it)."""
+    if "constraints" not in table:
+        return pd.Series([""] * len(table), index=table.index)
+    return table["constraints"].fillna("").astype(str)
 
 
 def format_matrix(matrix: pd.DataFrame) -> str:
@@ -377,6 +430,6 @@ def worst_case_examples(examples: pd.DataFrame, scoring: str = "mean",
         t = json.loads(key)
         out.append({"model": model, "defense": defense, "norm": t["norm"],
                     "eps": float("inf") if t.get("eps") is None else float(t["eps"]), "targeting": t["targeting"],
-                    "idx": g.index.to_numpy(), "robust": robust.astype(float),
+                    "constraints": constraints_of(t), "idx": g.index.to_numpy(), "robust": robust.astype(float),
                     "clean": (clean.all(axis=1) if scoring == "all" else clean.mean(axis=1)).astype(float)})
     return out

@@ -41,7 +41,7 @@ from torch import nn
 from advbench.attacks.autoattack import still_robust
 from advbench.attacks.base import Attack, AttackResult
 from advbench.attacks.trace import PathRecorder, PathSummary
-from advbench.audit import goal_met, predict, targetable
+from advbench.audit import goal_met, predict, region_corners, targetable
 from advbench.data.base import ImageData
 from advbench.defenses.base import DefendedModel, adaptive, find_defended
 from advbench.errors import AdvbenchError, ConfigError, ModelOutputError
@@ -53,7 +53,7 @@ from advbench.loading import Autocast, apply_defense, load_data, load_model, mod
 from advbench.registry import ATTACKS
 from advbench.store import JobRecord
 from advbench.tensors import num_threads
-from advbench.threat import Targeting, ThreatModel
+from advbench.threat import Scope, Targeting, ThreatModel
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,10 @@ class Context:
     attack: Attack
     clean: CleanPass
     target: torch.Tensor | None  # one per example when targeted
+    #: a universal threat model's fit set (images, labels), on the device
+    fit: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: a region located fixed or random: each example's square corner (N, 2), the same for every attack
+    corners: torch.Tensor | None = None
 
 
 @dataclass
@@ -235,9 +239,12 @@ class Worker:
         if not job.content:
             return
         seen = self.content(job.data, job.model, job.indices)
-        for what in ("model", "data"):
-            if what in job.content and seen[what] != job.content[what]:
-                thing = f"model {job.model['name']!r}" if what == "model" else "the examples of shard " + str(job.shard)
+        if job.fit_data is not None:  # a universal job's fit set, by content too
+            seen = {**seen, "fit": self.content(job.fit_data, job.model, tuple(job.fit["indices"]))["data"]}  # type: ignore[index]
+        for what in ("model", "data", "fit"):
+            if what in job.content and seen.get(what) != job.content[what]:
+                thing = {"model": f"model {job.model['name']!r}", "data": f"the examples of shard {job.shard}",
+                         "fit": "the examples its universal perturbation is fit on"}[what]
                 raise ContentMismatchError(
                     f"this worker sees {thing} with content digest {seen[what]}, but the run was planned on "
                     f"{job.content[what]}: every worker must load the same files and data as the driver")
@@ -274,13 +281,23 @@ class Worker:
             self._attacks[key] = ATTACKS.create(job.attack["name"], **job.attack["params"])
         attack = self._attacks[key]
         clean = self.clean_pass(job, deployed, randomized, x)  # also checks the model returns logits
-        return Context(x, y, deployed, randomized, threat, attack, clean, job_targets(job, threat, clean, y))
+        fit = None
+        if job.fit_data is not None:
+            pool = self.data(job.fit_data)
+            at = torch.tensor(job.fit["indices"], dtype=torch.long)  # type: ignore[index]
+            fit = (pool.x[at].to(self.device), pool.y[at].to(self.device))
+        return Context(x, y, deployed, randomized, threat, attack, clean, job_targets(job, threat, clean, y),
+                       fit, job_corners(job, threat, x))
 
     def select(self, job: Job, ctx: Context) -> torch.Tensor:
         """The examples the attack gets: clean-correct and, targeted, not already of the target
         class (no attack can be pursued toward it: they stay robust unless another attack breaks
         them); in cascade mode only the points earlier attacks left robust. A minimal-perturbation
-        attack searches every such point in every mode, so its distances mean the same."""
+        attack searches every such point in every mode, so its distances mean the same. Under a
+        universal threat model every example carries the one perturbation (its fooling rate is
+        over all of them), in every mode."""
+        if ctx.threat.scope is Scope.UNIVERSAL:
+            return torch.ones(len(job.indices), dtype=torch.bool, device=self.device)
         todo = ctx.clean.correct(ctx.y) & targetable(ctx.y, ctx.target)
         if self.robust_lookup is None:
             return todo
@@ -415,8 +432,9 @@ class Worker:
         result does not depend on which eps ran first. ``traces`` collects the path of a
         non-minimal attack (:mod:`advbench.attacks.trace`)."""
         view = self.view(job)
+        corners = None if ctx.corners is None else ctx.corners[sel]
         if not job.minimal:
-            return self._attack_fitting(job, ctx, view, x, y, target, generator, traces), None
+            return self._attack_fitting(job, ctx, view, x, y, target, generator, traces, corners), None
         key = (job.sweep_key, sel.cpu().numpy().tobytes())
         reused: float | None = None
         if self._sweep is not None and self._sweep[0] == key:
@@ -433,28 +451,34 @@ class Worker:
 
     def _attack_fitting(self, job: Job, ctx: Context, view: nn.Module, x: torch.Tensor, y: torch.Tensor,
                         target: torch.Tensor | None, generator: torch.Generator,
-                        traces: list[PathSummary] | None = None) -> AttackResult:
-        """The attack on ``x``; out of device memory, on halves of it in turn (recursively),
-        the results joined in order. One example that does not fit is an error, not a number.
-        With ``traces`` each piece's path is recorded and appended, in order."""
+                        traces: list[PathSummary] | None = None, corners: torch.Tensor | None = None) -> AttackResult:
+        """The attack on ``x`` (each example's region at ``corners``); out of device memory, on
+        halves of it in turn (recursively), the results joined in order. One example that does not
+        fit is an error, not a number; so is a universal attack that does not fit (its halves
+        would fit two perturbations). With ``traces`` each piece's path is recorded and appended."""
+        kwargs: dict[str, Any] = {"target": target, "generator": generator, "judge": ctx.deployed,
+                                  "fit": ctx.fit, "corners": corners}
         try:
             if traces is None:
-                return ctx.attack(view, x, y, ctx.threat, target=target, generator=generator, judge=ctx.deployed)
+                return ctx.attack(view, x, y, ctx.threat, **kwargs)
             with PathRecorder(x, y, target) as recorder:
-                result = ctx.attack(view, x, y, ctx.threat, target=target, generator=generator, judge=ctx.deployed)
+                result = ctx.attack(view, x, y, ctx.threat, **kwargs)
             traces.append(recorder.summary())
             return result
         except torch.OutOfMemoryError:
-            if len(x) <= 1:
+            if len(x) <= 1 or ctx.threat.scope is Scope.UNIVERSAL:
+                what = "its universal perturbation" if len(x) > 1 else "a single example"
                 raise OutOfMemory(f"model {job.model['name']!r}: attack {job.attack_label!r} runs out of device "
-                                  f"memory on a single example; use a larger device or a smaller model") from None
+                                  f"memory on {what}; use a larger device or a smaller model "
+                                  f"(or, universal, a smaller fit n)") from None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         half = (len(x) + 1) // 2
         self.oom_events.append({"job": job.key, "model": job.model["name"], "attack": job.attack_label,
                                 "examples": len(x), "batch": half})
         parts = [self._attack_fitting(job, ctx, view, x[s : s + half], y[s : s + half],
-                                      None if target is None else target[s : s + half], generator, traces)
+                                      None if target is None else target[s : s + half], generator, traces,
+                                      None if corners is None else corners[s : s + half])
                  for s in range(0, len(x), half)]
         return join_results(parts)
 
@@ -565,6 +589,22 @@ def job_targets(job: Job, threat: ThreatModel, clean: CleanPass, y: torch.Tensor
     offsets = [1 + int(stable_hash({"seed": job.base_seed, "random_target": i}, 12), 16) % (k - 1)
                for i in job.indices]
     return (y + torch.tensor(offsets, dtype=torch.long, device=y.device)) % k
+
+
+def job_corners(job: Job, threat: ThreatModel, x: torch.Tensor) -> torch.Tensor | None:
+    """Each example's region corner under a region located ``fixed`` or ``random`` (None else).
+    A random one is drawn per example from the run seed and the example's index (not from the
+    attack's generator), so every attack and eps meets the same square: the worst case over
+    attacks is one for one placement per example, as random targets are."""
+    region = threat.region
+    if region is None or region.location == "any" or x.dim() != 4:
+        return None
+    if region.location == "fixed":
+        return region_corners(threat, x.shape[0], x.shape[2], x.shape[3], device=x.device)
+    drawn = [region_corners(threat, 1, x.shape[2], x.shape[3],
+                            torch.Generator().manual_seed(int(stable_hash({"seed": job.base_seed, "corner": i}, 15), 16)))
+             for i in job.indices]
+    return torch.cat(drawn).to(x.device)  # type: ignore[arg-type]
 
 
 def examples_digest(data: ImageData, indices: tuple[int, ...]) -> str:

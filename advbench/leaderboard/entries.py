@@ -74,6 +74,8 @@ def threat_id(threat: dict[str, Any]) -> str:
         parts.append(str(threat["targeting"]))
     if threat.get("knowledge", "white_box") != "white_box":
         parts.append(str(threat["knowledge"]))
+    if threat.get("constraints"):  # the axes beyond the Lp ball: their own ranking, never mixed in
+        parts.append(str(threat["constraints"]))
     return "-".join(parts)
 
 
@@ -109,10 +111,11 @@ def _per_example(examples: pd.DataFrame | None, scoring: str) -> dict[tuple, dic
 
 
 def _key(rec: dict[str, Any]) -> tuple:
-    return (str(rec["model"]), str(rec["defense"]), str(rec["norm"]), float(rec["eps"]), str(rec["targeting"]))
+    return (str(rec["model"]), str(rec["defense"]), str(rec["norm"]), float(rec["eps"]), str(rec["targeting"]),
+            str(rec.get("constraints", "")))
 
 
-def _selects(finding: dict[str, Any], model: str, defense: str, norm: str, eps: float) -> bool:
+def _selects(finding: dict[str, Any], model: str, defense: str, norm: str, eps: float, constraints: str = "") -> bool:
     """Whether a masking / failure finding concerns this model, defense and threat (a finding's
     ``where`` names columns and their value or values; a column it does not name is any)."""
     if finding.get("model", model) != model or finding.get("defense", defense) != defense:
@@ -129,7 +132,8 @@ def _selects(finding: dict[str, Any], model: str, defense: str, norm: str, eps: 
         except (TypeError, ValueError):
             return False
 
-    return holds("model", model) and holds("defense", defense) and holds("norm", norm) and holds("eps", eps)
+    return (holds("model", model) and holds("defense", defense) and holds("norm", norm) and holds("eps", eps)
+            and holds("constraints", constraints))
 
 
 def _naive_only(finding: dict[str, Any], adaptive: bool) -> bool:
@@ -167,10 +171,11 @@ def entries_from_table(table: Any, config: Any, masking: dict[str, Any] | None =
 
     findings = (masking or {}).get("findings", [])
     per_example = _per_example(examples, getattr(config, "randomized_scoring", "mean"))
-    keys = ["model", "defense", "norm", "eps", "targeting"]
+    keys = ["model", "defense", "norm", "eps", "targeting", "constraints"]
     out = []
+    table = table.assign(constraints=table["constraints"].fillna("") if "constraints" in table else "")
     for key, group in table.groupby(keys, sort=False):
-        model, defense, norm, eps, targeting = key
+        model, defense, norm, eps, targeting, constraints = key
         rows = {str(r.attack): r for r in group.itertuples(index=False)}
         attacks = {a: float(r.robust_accuracy) for a, r in rows.items() if not is_worst_case(a)}
         if not attacks:
@@ -182,7 +187,8 @@ def entries_from_table(table: Any, config: Any, masking: dict[str, Any] | None =
             "schema_version": SCHEMA_VERSION,
             "model": str(model),
             "defense": str(defense),
-            "threat": {"norm": str(norm), "eps": float(eps), "targeting": str(targeting), "knowledge": str(knowledge)},
+            "threat": {"norm": str(norm), "eps": float(eps), "targeting": str(targeting), "knowledge": str(knowledge),
+                       **({"constraints": str(constraints)} if constraints else {})},
             "dataset": {"name": config.data.name or config.data.path, "split": config.data.split},
             "n": int(first.n),
             "clean_accuracy": float(first.clean_accuracy),
@@ -195,7 +201,8 @@ def entries_from_table(table: Any, config: Any, masking: dict[str, Any] | None =
             "versions": versions if versions is not None else package_versions(),
             "date": date or timestamp(),
             "architecture": ((cards or {}).get(str(model)) or {}).get("architecture"),
-            "masking_findings": sum(1 for f in findings if _selects(f, str(model), str(defense), str(norm), float(eps))),
+            "masking_findings": sum(1 for f in findings
+                                    if _selects(f, str(model), str(defense), str(norm), float(eps), str(constraints))),
             MODEL: (digests or {}).get(str(model)),
         }
         entry["threat_id"] = threat_id(entry["threat"])
@@ -204,13 +211,13 @@ def entries_from_table(table: Any, config: Any, masking: dict[str, Any] | None =
         entry["intervals"] = {"clean_accuracy": interval(entry["clean_accuracy"], n),
                               "robust_accuracy": interval(entry["robust_accuracy"], n),
                               "attacks": {a: interval(v, n) for a, v in attacks.items()}, "level": LEVEL}
-        rec = per_example.get((str(model), str(defense), str(norm), float(eps), str(targeting)), {})
+        rec = per_example.get((str(model), str(defense), str(norm), float(eps), str(targeting), str(constraints)), {})
         entry["robust_examples"] = encode_examples(rec["all"]["robust"]) if "all" in rec else None
         entry["examples_digest"] = indices_digest(rec["all"]["idx"]) if "all" in rec else None
         adaptive = any(is_adaptive(a) for a in attacks)
         entry["naive_robust_accuracy"] = (float(rec["naive"]["robust"].mean()) if adaptive and "naive" in rec
                                           else None)
-        mine = [f for f in findings if _selects(f, str(model), str(defense), str(norm), float(eps))]
+        mine = [f for f in findings if _selects(f, str(model), str(defense), str(norm), float(eps), str(constraints))]
         naive = [_naive_only(f, adaptive) for f in mine]
         entry["flags"] = sorted({str(f.get("code")) for f, n in zip(mine, naive) if not n})
         entry["naive_flags"] = sorted({str(f.get("code")) for f, n in zip(mine, naive) if n})

@@ -238,9 +238,10 @@ def build(folder: str | Path, tolerance: float = DEFAULT_TOLERANCE) -> list[Path
         put(f"rankings/{r.slug}.html", ranking_page(r))
     for e in entries.values():
         siblings = [s for s in entries.values() if (s["model"], s["defense"], s["threat"]["norm"],
-                    s["threat"].get("targeting"), s["threat"].get("knowledge"), s.get("dataset")) ==
+                    s["threat"].get("targeting"), s["threat"].get("knowledge"), s["threat"].get("constraints"),
+                    s.get("dataset")) ==
                     (e["model"], e["defense"], e["threat"]["norm"], e["threat"].get("targeting"),
-                     e["threat"].get("knowledge"), e.get("dataset"))]
+                     e["threat"].get("knowledge"), e["threat"].get("constraints"), e.get("dataset"))]
         put(f"models/{entry_name(e)}.html", model_page(e, siblings, published_for(e, published)))
     paths += export(folder, entries)
     return paths

@@ -79,15 +79,19 @@ def _missing(missing: pd.DataFrame) -> str:
 def intervals_frame(results: pd.DataFrame) -> pd.DataFrame:
     """Per results row: clean and robust accuracy (%) with their exact binomial 95% intervals."""
     rows = []
-    for r in results.itertuples(index=False):
+    axes = results["constraints"].fillna("").astype(str) if "constraints" in results else pd.Series([""] * len(results))
+    for r, constraints in zip(results.itertuples(index=False), axes):
         n = int(r.n)
         clean, robust = binomial_interval(r.clean_accuracy * n, n), binomial_interval(r.robust_accuracy * n, n)
         rows.append({"model": r.model, "defense": r.defense, "attack": r.attack, "norm": r.norm, "eps": f"{r.eps:g}",
-                     "n": n, "clean %": 100 * r.clean_accuracy, "clean low": 100 * clean[0], "clean high": 100 * clean[1],
+                     "constraints": constraints, "n": n, "clean %": 100 * r.clean_accuracy, "clean low": 100 * clean[0], "clean high": 100 * clean[1],
                      "robust %": 100 * r.robust_accuracy, "robust low": 100 * robust[0],
                      "robust high": 100 * robust[1], "flags": r.flags})
-    return pd.DataFrame(rows, columns=["model", "defense", "attack", "norm", "eps", "n", "clean %", "clean low",
-                                       "clean high", "robust %", "robust low", "robust high", "flags"])
+    columns = ["model", "defense", "attack", "norm", "eps", "constraints", "n", "clean %", "clean low",
+               "clean high", "robust %", "robust low", "robust high", "flags"]
+    if not axes.astype(bool).any():  # a column only where some threat has axes beyond the ball
+        columns.remove("constraints")
+    return pd.DataFrame(rows, columns=columns)
 
 
 def report(*, config_hash: str, seed: int, provenance: dict[str, Any], matrix: pd.DataFrame,

@@ -15,15 +15,23 @@ def _markdown(table: pd.DataFrame) -> str:
     return pipe_table(table, index=True, float_format=lambda v: f"{v:.3g}")
 
 
+def _with_constraints(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with its ``constraints`` column as strings (empty where unset, or for records
+    written before the column existed): rows of one norm and eps under other axes stay apart."""
+    return table.assign(constraints=table["constraints"].fillna("").astype(str) if "constraints" in table else "")
+
+
 def transfer_markdown(table: pd.DataFrame) -> str:
     """Per defense, threat and attack: sources x targets error rates, with each source's distortion."""
     text = ["# Transfer matrices (error rate of each target on each source's examples)\n"]
     if not table.empty:
-        for key, group in table.groupby(["defense", "norm", "eps", "targeting", "knowledge", "attack"], sort=False):
+        table = _with_constraints(table)
+        for key, group in table.groupby(["defense", "norm", "eps", "targeting", "knowledge", "constraints", "attack"],
+                                        sort=False):
             pivot = group.pivot(index="source", columns="target", values="error_rate")
             pivot = pivot.reindex(index=list(dict.fromkeys(group.source)), columns=list(dict.fromkeys(group.target)))
             pivot["av_distortion"] = group.groupby("source", sort=False).av_distortion.first()
-            text.append(f"## {' / '.join(map(str, key))}\n\n{_markdown(pivot)}\n")
+            text.append(f"## {' / '.join(str(k) for k in key if k != '')}\n\n{_markdown(pivot)}\n")
     return "\n".join(text)
 
 
@@ -31,7 +39,9 @@ def destruction_markdown(table: pd.DataFrame) -> str:
     """Rows model / defense / norm / attack / eps, columns case / top-k / transformation."""
     text = ["# Destruction rates (Kurakin et al.): rows model / defense / attack / eps\n"]
     if not table.empty:
-        pivot = table.pivot_table(index=["model", "defense", "norm", "attack", "eps"],
+        table = _with_constraints(table)
+        axes = ["constraints"] if table.constraints.astype(bool).any() else []  # a column only where one is set
+        pivot = table.pivot_table(index=["model", "defense", "norm", *axes, "attack", "eps"],
                                   columns=["case", "topk", "transformation"], values="rate", sort=False)
         columns = list(dict.fromkeys(zip(table["case"], table["topk"], table["transformation"])))
         pivot = pivot.reindex(columns=pd.MultiIndex.from_tuples(columns, names=pivot.columns.names))

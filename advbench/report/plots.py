@@ -52,8 +52,8 @@ def heatmap(matrix: pd.DataFrame, path: Path, title: str = "robust accuracy (%)"
     save_png(fig, path)
 
 
-def _panel_title(model: str, defense: str, targeting: str, knowledge: str) -> str:
-    extra = [x for x, default in ((targeting, "untargeted"), (knowledge, "white_box")) if x != default]
+def _panel_title(model: str, defense: str, targeting: str, knowledge: str, constraints: str = "") -> str:
+    extra = [x for x, default in ((targeting, "untargeted"), (knowledge, "white_box"), (constraints, "")) if x != default]
     return " / ".join([model, defense, *extra])
 
 
@@ -63,10 +63,11 @@ def curves(table: pd.DataFrame, folder: Path) -> list[Path]:
     against eps, the worst case bold and black, the clean accuracy dashed."""
     written = []
     bounded = table[np.isfinite(table.eps.to_numpy(dtype=float))]
+    bounded = bounded.assign(constraints=bounded["constraints"].fillna("") if "constraints" in bounded else "")
     for norm, sub in bounded.groupby("norm", sort=False):
         if sub.eps.nunique() < 2:  # one budget: a curve of single dots says nothing, so none is drawn
             continue
-        panels = list(sub.groupby(["model", "defense", "targeting", "knowledge"], sort=False))
+        panels = list(sub.groupby(["model", "defense", "targeting", "knowledge", "constraints"], sort=False))
         cols = min(3, len(panels))
         nrows = math.ceil(len(panels) / cols)
         fig = new_figure(4.2 * cols, 3.2 * nrows)

@@ -20,7 +20,7 @@ from advbench.store import ResultStore
 #: the findings of the gradient, output and forward-pass checks (table checks are recomputed from
 #: the store); ``dynamic`` was missing here, so a report dropped that finding
 GRADIENT_CODES = MODEL_CODES
-CELL = ["model", "defense", "attack", "norm", "eps", "targeting", "knowledge"]
+CELL = ["model", "defense", "attack", "norm", "eps", "targeting", "knowledge", "constraints"]
 COST = ["seconds", "n_forward", "n_backward", "n_queries"]
 
 
@@ -47,6 +47,9 @@ def _expected_cells(run: Run, results: pd.DataFrame) -> pd.DataFrame:
     if csv.is_file():
         earlier = pd.read_csv(csv)
         earlier = earlier[~worst_case_rows(earlier)]
+        if "constraints" not in earlier:  # a results.csv written before the column existed
+            earlier = earlier.assign(constraints="")
+        earlier = earlier.assign(constraints=earlier.constraints.fillna("").astype(str))
         if set(CELL) <= set(earlier.columns):
             expected = pd.concat([expected, earlier[CELL]], ignore_index=True)
     expected = expected.drop_duplicates(CELL, ignore_index=True)
@@ -67,7 +70,7 @@ def missing_cells(run: Run, results: pd.DataFrame) -> pd.DataFrame:
 def attack_cost(results: pd.DataFrame) -> pd.DataFrame:
     """Each attack's cost per model, defense and norm, summed over its eps."""
     rows = results[~worst_case_rows(results)]
-    keys = ["model", "defense", "attack", "norm", "targeting", "knowledge"]
+    keys = ["model", "defense", "attack", "norm", "targeting", "knowledge", "constraints"]
     cost = rows.groupby(keys, sort=False)[COST].sum().reset_index()
     cells = rows.groupby(keys, sort=False).size().rename("cells").reset_index()
     return cells.merge(cost, on=keys)[keys + ["cells", *COST]]
