@@ -52,6 +52,8 @@ class AuditReport:
     ssim: torch.Tensor | None = None
     #: per example, the share of the physical transformation's draws in which the goal is met
     physical_share: torch.Tensor | None = None
+    #: (N, draws) long: the model's prediction on each draw of the physical transformation
+    physical_draws: torch.Tensor | None = None
 
     @property
     def success(self) -> torch.Tensor:
@@ -141,10 +143,11 @@ def audit(
         similarity = ssim(safe, x, data_range=threat.bounds[1] - threat.bounds[0]).to(x.device)
         valid &= similarity >= threat.perceptual.ssim
         safe = torch.where(_rows(valid, x), safe, x)
-    share = None
+    share = per_draw = None
     if threat.physical is not None:
-        pred, share = physical_predictions(model, x, safe, y, threat, target)
-        met = share == 1 if threat.physical.rule == "all" else share > 0.5
+        per_draw, share = physical_draws(model, x, safe, y, threat, target)
+        pred = per_draw[:, 0]
+        met = share > 0.5 if threat.physical.rule == "majority" else share == 1  # all; mean: in every draw
         adversarial = met & valid
     else:
         pred = predict(model, safe)
@@ -152,7 +155,7 @@ def audit(
     if threat.quantize == "8bit":
         quant_fail = before & valid & ~adversarial
     return AuditReport(valid=valid, adversarial=adversarial, pred_adv=pred, quantization_failures=quant_fail,
-                       x_scored=safe, ssim=similarity, physical_share=share)
+                       x_scored=safe, ssim=similarity, physical_share=share, physical_draws=per_draw)
 
 
 # ---------------------------------------------------------------------- regions
@@ -252,7 +255,15 @@ def shared(x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, threat: Threat
 def physical_predictions(model: nn.Module, x: torch.Tensor, x_scored: torch.Tensor, y: torch.Tensor,
                          threat: ThreatModel, target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's predictions on the physical transformation of each image (the first draw's)
-    and, per example, the share of ``draws`` seeded draws in which the goal is met.
+    and, per example, the share of the draws in which the goal is met (:func:`physical_draws`)."""
+    per_draw, share = physical_draws(model, x, x_scored, y, threat, target)
+    return per_draw[:, 0], share
+
+
+def physical_draws(model: nn.Module, x: torch.Tensor, x_scored: torch.Tensor, y: torch.Tensor,
+                   threat: ThreatModel, target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's prediction on each of ``draws`` seeded draws of the physical transformation of
+    each image, (N, draws), and per example the share of the draws in which the goal is met.
 
     A random transformation draws each example's randomness from its own generator, seeded by
     the threat's seed, the draw and the example's clean image (``x``'s bytes): an example's
@@ -262,7 +273,7 @@ def physical_predictions(model: nn.Module, x: torch.Tensor, x_scored: torch.Tens
     transform = phys.build()
     seeds = _example_seeds(x, phys.seed) if getattr(transform, "random", False) else None
     met = torch.zeros(x_scored.shape[0], dtype=torch.float64, device=x_scored.device)
-    first = None
+    preds = []
     for d in range(phys.draws):
         if seeds is None:
             seen = transform(x_scored)
@@ -270,9 +281,9 @@ def physical_predictions(model: nn.Module, x: torch.Tensor, x_scored: torch.Tens
             seen = torch.cat([transform(x_scored[i : i + 1], torch.Generator(device="cpu").manual_seed(_mix(s, d)))
                               for i, s in enumerate(seeds)])
         pred = predict(model, seen)
-        first = pred if first is None else first
+        preds.append(pred)
         met += goal_met(pred, y, target).double()
-    return first, met / phys.draws
+    return torch.stack(preds, dim=1), met / phys.draws
 
 
 def _example_seeds(x: torch.Tensor, seed: int) -> list[int]:

@@ -67,7 +67,7 @@ def _enum(cls: type[Enum], value: Any, what: str) -> Any:
 
 
 REGION_LOCATIONS = ("fixed", "random", "any")
-PHYSICAL_RULES = ("all", "majority")
+PHYSICAL_RULES = ("all", "majority", "mean")
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,9 @@ class Physical:
     transformation, by name or ``{name, params}``) of the example, drawn ``draws`` times (each
     example's randomness seeded by ``seed``, the draw and its clean image, so its verdict does
     not depend on its batch). ``rule``: the example counts only if it is adversarial after
-    ``all`` draws, or after a strict ``majority`` of them. The seed is part of the threat model,
+    ``all`` draws, or after a strict ``majority`` of them; or (``mean``) it counts for the share
+    of draws it is adversarial in, as a randomized defense's ``mean`` scoring counts a point (an
+    attack's boolean success is then adversarial in every draw). The seed is part of the threat model,
     so an attacker could fit the audit's exact draws: report a physical result with the seed it
     was audited at, and re-audit with another to see it hold."""
 
@@ -173,7 +175,7 @@ class Physical:
         if isinstance(value, Physical):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"physical must be a mapping {{transform: NAME, draws: N, rule: all|majority}}, got {value!r}")
+            raise ConfigError(f"physical must be a mapping {{transform: NAME, draws: N, rule: all|majority|mean}}, got {value!r}")
         unknown = set(value) - {"transform", "draws", "rule", "seed"}
         if unknown:
             raise ConfigError(f"unknown physical field(s) {sorted(unknown)}; allowed: draws, rule, seed, transform")

@@ -34,6 +34,7 @@ UNIVERSAL = {"norm": "linf", "eps": 0.3, "scope": "universal"}
 REGION = {"norm": "unbounded", "region": {"size": 3, "location": "random"}}
 PERCEPTUAL = {"norm": "linf", "eps": 0.1, "perceptual": {"ssim": 0.9}}
 PHYSICAL = {"norm": "linf", "eps": 0.1, "physical": {"transform": "noise", "draws": 4}}
+PHYSICAL_MEAN = {"norm": "linf", "eps": 0.1, "physical": {"transform": "noise", "draws": 4, "rule": "mean"}}
 ATTACKS = [{"name": "pgd", "steps": 10}, {"name": "uap", "method": "sgd", "epochs": 10, "batch_size": 16},
            {"name": "patch", "steps": 20}, {"name": "eot-pgd", "steps": 10, "samples": 4}]
 
@@ -41,7 +42,8 @@ ATTACKS = [{"name": "pgd", "steps": 10}, {"name": "uap", "method": "sgd", "epoch
 def _raw(**over):
     base = {"seed": 0, "device": "cpu", "data": {"name": "digits", "n": 60}, "models": ["digits-cnn"],
             "fit": {"split": "train", "n": 100},
-            "threats": [PLAIN, UNIVERSAL, REGION, PERCEPTUAL, PHYSICAL], "attacks": ATTACKS, "batch_size": 25}
+            "threats": [PLAIN, UNIVERSAL, REGION, PERCEPTUAL, PHYSICAL, PHYSICAL_MEAN], "attacks": ATTACKS,
+            "batch_size": 25}
     base.update(over)
     return base
 
@@ -62,7 +64,8 @@ def test_each_axis_is_its_own_row_routed_to_the_attacks_made_for_it(run):
     t = run.table
     rows = {(r.attack, r.constraints) for r in t.itertuples() if not r.attack.startswith("worst-case")}
     assert rows == {("pgd", ""), ("pgd", "ssim0.9"), ("pgd", "noisex4-all"), ("eot-pgd", "noisex4-all"),
-                    ("uap", "universal"), ("patch", "square3@random")}
+                    ("pgd", "noisex4-mean"), ("eot-pgd", "noisex4-mean"), ("uap", "universal"),
+                    ("patch", "square3@random")}
     # the matrix keeps threats of one norm and eps apart by their axes
     assert {"linf 0.1", "linf 0.1 ssim0.9", "linf 0.1 noisex4-all", "linf 0.3 universal",
             "unbounded inf square3@random"} <= set(run.matrix.columns)
@@ -75,16 +78,22 @@ def test_every_row_is_recomputed_from_the_audited_records(run):
     for r in run.table.itertuples():
         if r.attack.startswith("worst-case"):
             continue
-        threat = {"": PLAIN, "ssim0.9": PERCEPTUAL, "noisex4-all": PHYSICAL, "universal": UNIVERSAL,
-                  "square3@random": REGION}[r.constraints]
+        threat = {"": PLAIN, "ssim0.9": PERCEPTUAL, "noisex4-all": PHYSICAL, "noisex4-mean": PHYSICAL_MEAN,
+                  "universal": UNIVERSAL, "square3@random": REGION}[r.constraints]
         mine = ex[(ex.attack == r.attack) & ex.threat_json.map(lambda s: _same(json.loads(s), threat))]
         assert len(mine) == 60
-        correct = mine.pred_clean == mine.label
-        if "physical" in threat:  # broken only where the audit found the goal met on the feed's draws
-            broken = mine.success.astype(bool)
+        correct = (mine.pred_clean == mine.label).to_numpy()
+        if "physical" in threat:  # per draw of the feed: the prediction on the transformed example
+            draws = np.array([[int(p) for p in s.split(",")] for s in mine.pred_adv_draws])
+            assert draws.shape == (60, 4) and (draws[:, 0] == mine.pred_adv).all()
+            held = (draws == mine.label.to_numpy()[:, None]) | ~mine.valid.to_numpy(dtype=bool)[:, None]
+            robust = correct & held.any(axis=1) if threat is PHYSICAL else correct * held.mean(axis=1)
+            if threat is PHYSICAL:  # rule all: broken exactly where the audit said so
+                assert (mine.success.astype(bool).to_numpy() == (correct & ~held.any(axis=1))).all()
         else:
             broken = mine.success.astype(bool) | (mine.valid.astype(bool) & (mine.pred_adv != mine.label))
-        assert r.robust_accuracy == pytest.approx((correct & ~broken).mean())
+            robust = correct & ~broken.to_numpy()
+        assert r.robust_accuracy == pytest.approx(robust.mean())
         assert r.audit_violations == 0
         if threat is UNIVERSAL:  # all 60 carry it; the fooling rate counts changed predictions
             assert mine.attacked.all()
@@ -165,19 +174,25 @@ def dataclass_replace(job, **kw):
     return dataclasses.replace(job, **kw)
 
 
-def test_a_physical_feed_breaks_an_example_only_by_an_audited_success():
-    ex = pd.DataFrame({"label": [1, 1], "pred_clean": [1, 1], "pred_adv": [2, 2], "valid": [1, 1],
-                       "success": [0, 1], "attacked": [1, 1], "target": [None, None]})
-    _, _, plain = _outcomes(ex)
-    _, _, physical = _outcomes(ex, physical=True)
-    assert plain[:, 0].tolist() == [True, True]  # misclassified without the feed: broken in the Lp ball
-    assert physical[:, 0].tolist() == [False, True]  # the first draw's prediction alone breaks nothing
+def test_a_physical_feed_breaks_an_example_by_its_rule_over_the_draws():
+    # four draws: fooled in 2, in 3, in all 4 of them
+    ex = pd.DataFrame({"label": [1, 1, 1], "pred_clean": [1, 1, 1], "pred_adv": [2, 2, 2], "valid": [1, 1, 1],
+                       "success": [0, 0, 1], "attacked": [1, 1, 1], "target": [None, None, None],
+                       "pred_clean_draws": ["1,1,1,1"] * 3, "pred_adv_draws": ["2,2,1,1", "2,2,2,1", "2,2,2,2"]})
+    _, _, plain = _outcomes(ex.drop(columns=["pred_clean_draws", "pred_adv_draws"]))
+    assert plain[:, 0].tolist() == [True, True, True]  # the first draw alone would break all three
+    assert _outcomes(ex, "all")[2][:, 0].tolist() == [False, False, True]
+    assert _outcomes(ex, "majority")[2][:, 0].tolist() == [False, True, True]  # a strict majority
+    clean, _, broken = _outcomes(ex, "mean")
+    assert (clean & ~broken).mean(axis=1).tolist() == [0.5, 0.25, 0.0]  # the share of draws it holds in
+    # records without the draws: the audited success alone
+    assert _outcomes(ex.drop(columns=["pred_clean_draws", "pred_adv_draws"]), "all")[2][:, 0].tolist() == [False, False, True]
 
 
 def test_leaderboard_entries_and_ids_carry_the_axes(run):
     entries = entries_from_table(run.table, parse_config(_raw()), run.masking)
     ids = {e["threat_id"] for e in entries}
-    assert {"linf-0.1", "linf-0.1-ssim0.9", "linf-0.1-noisex4-all", "linf-0.3-universal",
+    assert {"linf-0.1", "linf-0.1-ssim0.9", "linf-0.1-noisex4-all", "linf-0.1-noisex4-mean", "linf-0.3-universal",
             "unbounded-inf-square3@random"} == ids
     assert len({e["ranking"] for e in entries}) == len(entries)
 

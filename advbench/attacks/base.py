@@ -80,6 +80,8 @@ class AttackResult:
     ssim: torch.Tensor | None = None
     #: under a physical feed: per example, the share of the transformation's draws that stay adversarial
     physical_share: torch.Tensor | None = None
+    #: under a physical feed: (N, draws) the model's prediction on each draw of the transformation
+    physical_draws: torch.Tensor | None = None
 
     @property
     def n_violations(self) -> int:
@@ -370,6 +372,7 @@ def _audited(result: AttackResult, report: AuditReport, x: torch.Tensor, threat:
         quantization_failures=int(report.quantization_failures.sum()),
         ssim=report.ssim,
         physical_share=report.physical_share,
+        physical_draws=report.physical_draws,
     )
 
 

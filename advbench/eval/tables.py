@@ -25,8 +25,12 @@ Definitions (n = evaluated examples):
 ``constraints`` names a threat's axes beyond the Lp ball (scope, region, perceptual bound,
 physical feed; :meth:`~advbench.threat.ThreatModel.constraint_label`), empty when it has none:
 two threats of one norm and eps that differ there are two rows, and never share a worst case.
-Under a physical feed an example is broken only where the audit found the goal met on the
-transformation's draws (by the threat's rule): the stored prediction is its first draw's.
+Under a physical feed the records keep the model's prediction on each of the transformation's
+draws (seeded per example, so every attack meets the same draws): an example is broken in a
+draw where it is misclassified there, and with rule ``all`` (``majority``) it is broken when it
+is in all (a strict majority of) the draws; with rule ``mean`` it counts for the share of draws
+it holds in, like a randomized model's ``mean`` scoring (whatever ``scoring`` says), and the
+worst case over attacks is per draw as below.
 
 A randomized defended model is scored over several draws of its randomness (the records keep
 each draw's clean and adversarial prediction). Per example and draw: clean-correct, and robust
@@ -84,8 +88,16 @@ def constraints_of(threat: dict[str, object]) -> str:
     return ThreatModel.from_dict(threat).constraint_label()
 
 
-def _physical(threat_json: str) -> bool:
-    return "physical" in json.loads(threat_json)
+def _physical_rule(threat_json: str) -> str | None:
+    """A threat's physical rule (``all``, ``majority``, ``mean``), None without a physical feed."""
+    physical = json.loads(threat_json).get("physical")
+    return None if physical is None else str(physical.get("rule", "all"))
+
+
+def _scoring(threat_json: str, scoring: str) -> str:
+    """How a group's draws count: a physical feed's ``mean`` rule scores its draws by the mean,
+    whatever ``randomized_scoring`` says (that is for a randomized model's own draws)."""
+    return "mean" if _physical_rule(threat_json) == "mean" else scoring
 
 
 def _universal(threat_json: str) -> bool:
@@ -96,12 +108,16 @@ def _draws(col: pd.Series) -> np.ndarray:
     return np.array([[int(p) for p in s.split(",")] for s in col], dtype=np.int64).reshape(len(col), -1)
 
 
-def _outcomes(ex: pd.DataFrame, physical: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _outcomes(ex: pd.DataFrame, rule: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per example and draw, arrays (n, draws) of: clean prediction correct, attack succeeded,
     example broken (an audited example the model misclassifies, or a success). A deterministic
-    model has one draw (the stored predictions); a randomized one each stored draw. Under a
-    ``physical`` feed an example is broken only by an audited success: the audit judged it on the
-    transformation's draws by the threat's rule (its stored prediction is the first draw's)."""
+    model has one draw (the stored predictions); a randomized one each stored draw.
+
+    Under a physical feed (``rule``) the records keep the model's prediction on each draw of the
+    transformation (the clean prediction is the untransformed input's): an example is broken in a
+    draw where that prediction is wrong, and with ``all`` / ``majority`` it is broken when it is in
+    all / a strict majority of the draws (one column); with ``mean`` every draw stays a column,
+    scored by the mean. Records without the draws count the audited success alone."""
     label = ex.label.to_numpy()[:, None]
     valid = ex.valid.to_numpy(dtype=bool)[:, None]
     if len(ex) and "pred_clean_draws" in ex and ex.pred_clean_draws.notna().all():
@@ -109,9 +125,14 @@ def _outcomes(ex: pd.DataFrame, physical: bool = False) -> tuple[np.ndarray, np.
         target = pd.to_numeric(ex.target).to_numpy(dtype=float)[:, None]
         goal = np.where(np.isnan(target), pa != label, pa == np.nan_to_num(target, nan=-1))
         success = ex.attacked.to_numpy(dtype=bool)[:, None] & valid & goal
-        return pc == label, success, success | (valid & (pa != label))
+        broken = success | (valid & (pa != label))
+        if rule in ("all", "majority"):
+            need = pa.shape[1] if rule == "all" else pa.shape[1] // 2 + 1
+            return ((pc == label)[:, :1], (success.sum(axis=1) >= need)[:, None],
+                    (broken.sum(axis=1) >= need)[:, None])
+        return pc == label, success, broken
     success = ex.success.to_numpy(dtype=bool)[:, None]
-    broken = success if physical else success | (valid & (ex.pred_adv != ex.label).to_numpy()[:, None])
+    broken = success if rule else success | (valid & (ex.pred_adv != ex.label).to_numpy()[:, None])
     return (ex.pred_clean == ex.label).to_numpy()[:, None], success, broken
 
 
@@ -206,7 +227,7 @@ class _Group:
         self.parts = []
         for attack in attacks:
             ex = group[group.attack == attack].set_index("idx").sort_index()
-            clean, success, brk = _outcomes(ex, bool(len(ex)) and _physical(ex.threat_json.iloc[0]))
+            clean, success, brk = _outcomes(ex, _physical_rule(ex.threat_json.iloc[0]) if len(ex) else None)
             pos = self.index.get_indexer(ex.index)
             s_all = np.zeros((len(self.index), success.shape[1]), bool)
             b_all = np.zeros((len(self.index), brk.shape[1]), bool)
@@ -257,6 +278,7 @@ def robust_accuracy_table(
         return pd.DataFrame(columns=COLUMNS)
     examples = examples.assign(success=examples.success.astype(bool))
     order = order or {}
+    base_scoring = scoring
     rows = []
     by_key: dict[tuple[str, str, str], list[tuple[str, _Group, pd.DataFrame]]] = {}
     for (model, defense, threat_json), group in examples.groupby(["model", "defense", "threat_json"], sort=False):
@@ -266,6 +288,7 @@ def robust_accuracy_table(
         if "attacks" in order:
             attacks.sort(key=lambda a: order["attacks"].index(a) if a in order["attacks"] else len(order["attacks"]))
         g = _Group(group, attacks)
+        scoring = _scoring(threat_json, base_scoring)
         suites = _suites(gjobs)
         suite_of = {m: name for name, (members, cascaded) in suites.items() if cascaded for m in members}
         succeeded = broken = None  # per example of the group and draw: by any attack so far
@@ -291,11 +314,13 @@ def robust_accuracy_table(
         for threat_json, g, gjobs in members:
             if len(g.parts) > 1 or (cascade and not several):
                 label = f"{WORST_CASE} ({_access(threat_json)})" if several else WORST_CASE
-                rows.append(_worst_row(model, defense, label, _threat_columns(threat_json), [g], gjobs, scoring))
+                rows.append(_worst_row(model, defense, label, _threat_columns(threat_json), [g], gjobs,
+                                       _scoring(threat_json, base_scoring)))
         if several:
             tcols = {**_threat_columns(members[0][0]), "knowledge": ANY_KNOWLEDGE}
             gjobs = pd.concat([m[2] for m in members])
-            rows.append(_worst_row(model, defense, WORST_CASE, tcols, [m[1] for m in members], gjobs, scoring))
+            rows.append(_worst_row(model, defense, WORST_CASE, tcols, [m[1] for m in members], gjobs,
+                                   _scoring(members[0][0], base_scoring)))
     table = pd.DataFrame(rows, columns=COLUMNS)
     return _sort(table, order)
 
@@ -426,10 +451,11 @@ def worst_case_examples(examples: pd.DataFrame, scoring: str = "mean",
         for p in g.parts:
             clean[p[5]] = p[2]
         held = clean & ~broken
-        robust = held.all(axis=1) if scoring == "all" else held.mean(axis=1)
+        rule = _scoring(key, scoring)
+        robust = held.all(axis=1) if rule == "all" else held.mean(axis=1)
         t = json.loads(key)
         out.append({"model": model, "defense": defense, "norm": t["norm"],
                     "eps": float("inf") if t.get("eps") is None else float(t["eps"]), "targeting": t["targeting"],
                     "constraints": constraints_of(t), "idx": g.index.to_numpy(), "robust": robust.astype(float),
-                    "clean": (clean.all(axis=1) if scoring == "all" else clean.mean(axis=1)).astype(float)})
+                    "clean": (clean.all(axis=1) if rule == "all" else clean.mean(axis=1)).astype(float)})
     return out

@@ -344,6 +344,9 @@ class Worker:
         out.x_adv[sel] = result.x_adv
         if result.minimal_distances is not None:
             out.min_distance[sel] = result.minimal_distances.to(out.min_distance.dtype)
+        if result.physical_draws is not None:  # each draw of the physical feed, kept like a randomized model's
+            out.pred_adv_draws = ctx.clean.pred.repeat(result.physical_draws.shape[1], 1)
+            out.pred_adv_draws[:, sel] = result.physical_draws.T.to(out.pred_adv_draws.dtype)
         out.n_forward, out.n_backward, out.n_queries = result.n_forward, result.n_backward, result.n_queries
         out.quantization_failures = result.quantization_failures
         if traces is not None:
@@ -503,7 +506,7 @@ def join_results(parts: list[AttackResult]) -> AttackResult:
         first,
         **{name: cat(name) for name in ("x_adv", "success", "valid", "pred_clean", "pred_adv", "distances",
                                         "target", "x_minimal", "minimal_distances", "corners", "ssim",
-                                        "physical_share")},
+                                        "physical_share", "physical_draws")},
         **{name: sum(getattr(p, name) for p in parts)
            for name in ("n_forward", "n_backward", "n_queries", "quantization_failures")},
         budget_exhausted=any(p.budget_exhausted for p in parts),
@@ -517,8 +520,11 @@ def record(job: Job, ctx: Context, todo: torch.Tensor, out: Outcome, seconds: fl
     cols = {k: v.cpu().numpy() for k, v in dict(
         label=ctx.y, pred_clean=ctx.clean.pred, pred_adv=out.pred_adv, attacked=todo, valid=out.valid,
         success=out.success, distance=out.distance, min_distance=out.min_distance, target=target).items()}
+    clean_draws = ctx.clean.draws
+    if clean_draws is None and out.pred_adv_draws is not None:  # a physical feed: the clean input, untransformed
+        clean_draws = ctx.clean.pred.repeat(out.pred_adv_draws.shape[0], 1)
     draws = {k: None if v is None else [",".join(str(int(p)) for p in col) for col in v.T.cpu().numpy()]
-             for k, v in (("pred_clean_draws", ctx.clean.draws), ("pred_adv_draws", out.pred_adv_draws))}
+             for k, v in (("pred_clean_draws", clean_draws), ("pred_adv_draws", out.pred_adv_draws))}
     examples = [
         {
             "idx": pos[i],
