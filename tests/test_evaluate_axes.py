@@ -120,6 +120,16 @@ def test_a_universal_threat_runs_one_unsharded_job_fit_on_held_out_examples(run)
     assert "fit" in jobs[0].content
     again = Job.from_json(jobs[0].to_json())
     assert again.key == jobs[0].key
+    cell = run.out_dir / "adversarial" / "digits-cnn__none__uap__linf-0.3__untargeted__universal"
+    with np.load(f"{cell}.universal.npz") as z:
+        delta = torch.from_numpy(z["universal"])
+    with np.load(f"{cell}.npz") as z:
+        x_adv, idx = torch.from_numpy(z["x_adv"]), z["idx"]
+    from advbench.data.digits import load_digits
+
+    x = load_digits("test").x[idx]
+    assert delta.shape == (1, 1, 8, 8) and float(delta.abs().max()) <= 0.3 + 1e-6
+    assert torch.equal(x_adv, (x + delta).clamp(0, 1))  # every kept example is that one perturbation applied
     provenance = json.loads((run.out_dir / "run.json").read_text())
     assert provenance["fit"]["split"] == "train" and provenance["fit"]["n"] == 100
 

@@ -67,7 +67,7 @@ from advbench.eval.plan import (
 )
 from advbench.eval.ray_executor import RayExecutor
 from advbench.eval.tables import constraints_of, robust_accuracy_matrix, robust_accuracy_table
-from advbench.eval.worker import Worker, checked_logits, examples_digest
+from advbench.eval.worker import UNIVERSAL_KEY, Worker, checked_logits, examples_digest
 from advbench.files import atomic_write_text, write_npz_rows
 from advbench.loading import load_data
 from advbench.params import check_whole
@@ -396,7 +396,8 @@ def _write_adversarial(store: ResultStore, config_hash: str, jobs: list[Job], da
                        folder: Path) -> None:
     """``clean.npz`` (idx, x, y of the evaluated examples, once) and one .npz per cell with idx, the
     audited x_adv, y and the clean and adversarial predictions, streamed shard by shard (a cell is
-    never held in memory whole)."""
+    never held in memory whole); a universal cell also ``<cell>.universal.npz``, its perturbation
+    (``universal``: (1 or classes, C, H, W), or the patch under a region)."""
     folder.mkdir(parents=True, exist_ok=True)
     idx = torch.as_tensor(indices, dtype=torch.long)
     write_npz_rows(folder / "clean.npz", [{"idx": np.asarray(indices, dtype=np.int64), "x": data.x[idx].numpy(),
@@ -411,8 +412,18 @@ def _write_adversarial(store: ResultStore, config_hash: str, jobs: list[Job], da
         extra = "".join(f"__{v}" for v in (t["knowledge"] if t["knowledge"] != Knowledge.WHITE_BOX.value else "",
                                            constraints_of(t)) if v)  # threats apart in these: files apart
         name = f"{model}__{defense}__{attack}__{t['norm']}-{eps}__{t['targeting']}{extra}.npz"
-        shards = (store.adversarial(config_hash, j.key) for j in sorted(parts, key=lambda j: j.shard))
-        write_npz_rows(folder / name, shards, sum(len(j.indices) for j in parts))
+        shared: list[np.ndarray] = []
+
+        def rows(ordered: list[Job]) -> Any:
+            for j in ordered:
+                arrays = store.adversarial(config_hash, j.key)
+                if arrays is not None and UNIVERSAL_KEY in arrays:
+                    shared.append(arrays.pop(UNIVERSAL_KEY))
+                yield arrays
+
+        write_npz_rows(folder / name, rows(sorted(parts, key=lambda j: j.shard)), sum(len(j.indices) for j in parts))
+        if shared:  # a universal cell: its one perturbation (or patch), beside the examples carrying it
+            write_npz_rows(folder / name.replace(".npz", ".universal.npz"), [{"universal": shared[0]}], len(shared[0]))
 
 
 def _indices_digest(indices: np.ndarray) -> str:

@@ -106,6 +106,7 @@ class Outcome:
     seconds: float | None = None  # a reused minimal-perturbation run: the seconds it took
     measured: dict[str, Any] | None = None  # the evaluation-failure indicators' readings (Job.indicators)
     extra_seconds: float = 0.0  # spent on those readings (not the attack's time)
+    universal: torch.Tensor | None = None  # a universal threat model's one perturbation (or patch)
 
 
 class Worker:
@@ -344,6 +345,7 @@ class Worker:
         out.x_adv[sel] = result.x_adv
         if result.minimal_distances is not None:
             out.min_distance[sel] = result.minimal_distances.to(out.min_distance.dtype)
+        out.universal = result.universal
         if result.physical_draws is not None:  # each draw of the physical feed, kept like a randomized model's
             out.pred_adv_draws = ctx.clean.pred.repeat(result.physical_draws.shape[1], 1)
             out.pred_adv_draws[:, sel] = result.physical_draws.T.to(out.pred_adv_draws.dtype)
@@ -486,6 +488,10 @@ class Worker:
         return join_results(parts)
 
 
+#: the name of a universal job's perturbation among its kept arrays (written to its own file)
+UNIVERSAL_KEY = "universal"
+
+
 class ContentMismatchError(AdvbenchError):
     """A worker loaded other model weights or examples than those the run was planned on."""
 
@@ -545,6 +551,8 @@ def record(job: Job, ctx: Context, todo: torch.Tensor, out: Outcome, seconds: fl
     if job.save_adversarial:  # the audited images only; the clean ones live in the data set (once)
         adversarial = {"idx": np.asarray(pos, dtype=np.int64), "x_adv": out.x_adv.cpu().numpy(), "y": cols["label"],
                        "pred_clean": cols["pred_clean"], "pred_adv": cols["pred_adv"]}
+        if out.universal is not None:  # the one perturbation every example carries (not a row per example)
+            adversarial[UNIVERSAL_KEY] = out.universal.cpu().numpy()
     return JobRecord(
         job_key=job.key,
         model=job.model["name"],
