@@ -310,14 +310,18 @@ class ResultStore:
 
     def robust_mask(self, config_hash: str, job_keys: Iterable[str]) -> dict[int, bool]:
         """Per example index: False once any of the given jobs broke it (for cascaded attacks):
-        a success, or an audited example the model misclassifies."""
+        a success, or an audited example the model misclassifies. Under a physical feed the
+        stored prediction is one draw's, so there only the audit's verdict (adversarial by the
+        threat's rule; under ``mean``, in every draw) breaks an example."""
         keys = list(job_keys)
         if not keys:
             return {}
         marks = ",".join("?" * len(keys))
         rows = self._conn.execute(
-            f"SELECT idx, MAX(success OR (valid AND pred_adv != label)) FROM examples "
-            f"WHERE config_hash = ? AND job_key IN ({marks}) GROUP BY idx",
+            f"SELECT e.idx, MAX(e.success OR (e.valid AND e.pred_adv != e.label "
+            f"AND j.threat_json NOT LIKE '%\"physical\":%')) FROM examples e "
+            f"JOIN jobs j ON e.config_hash = j.config_hash AND e.job_key = j.job_key "
+            f"WHERE e.config_hash = ? AND e.job_key IN ({marks}) GROUP BY e.idx",
             (config_hash, *keys),
         )
         return {int(i): not bool(s) for i, s in rows}

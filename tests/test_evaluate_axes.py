@@ -239,3 +239,18 @@ def test_routing_is_an_error_only_where_nothing_is_left():
 
     assert [t.constraint_label() for t in attack_threats(cfg, cfg.attacks[0])] == [""]
     assert [t.constraint_label() for t in attack_threats(cfg, cfg.attacks[1])] == ["universal"]
+
+
+def test_a_cascade_under_a_physical_feed_skips_only_what_the_audit_broke(tmp_path):
+    """The stored prediction is the feed's first draw: an example misclassified there but not
+    adversarial by the rule is still robust, and the next attack of the cascade gets it."""
+    cfg = parse_config(_raw(threats=[PHYSICAL], attacks=[{"name": "pgd", "steps": 5},
+                                                         {"name": "eot-pgd", "steps": 10, "samples": 4}],
+                            cascade=True))
+    res = evaluate(cfg, tmp_path / "run", progress=False)
+    ex = _examples(res.out_dir)
+    first, second = (ex[ex.attack == a].set_index("idx").sort_index() for a in ("pgd", "eot-pgd"))
+    correct = first.pred_clean == first.label
+    assert (second.attacked.astype(bool) == (correct & ~first.success.astype(bool))).all()
+    fooled_in_first_draw = correct & ~first.success.astype(bool) & (first.pred_adv != first.label)
+    assert fooled_in_first_draw.any()  # the case the rule decides: attacked again, not skipped
