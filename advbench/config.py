@@ -145,8 +145,9 @@ class AnalysisSpec(_Strict):
 
 class FitSpec(_Strict):
     """The examples a universal threat model's perturbation is fit on: ``n`` drawn (with the run
-    seed) from ``split`` of the evaluated data set. From the evaluated split itself they are drawn
-    among the examples not evaluated, so the fooling rate is always measured on held-out images."""
+    seed) from ``split`` of the evaluated data set. From the evaluated split itself (or an ``.npz``
+    file, which has no splits) they are drawn among the examples not evaluated, so the fooling
+    rate is always measured on held-out images."""
 
     split: str = "train"
     n: int = Field(default=500, ge=1)

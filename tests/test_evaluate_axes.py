@@ -254,3 +254,15 @@ def test_a_cascade_under_a_physical_feed_skips_only_what_the_audit_broke(tmp_pat
     assert (second.attacked.astype(bool) == (correct & ~first.success.astype(bool))).all()
     fooled_in_first_draw = correct & ~first.success.astype(bool) & (first.pred_adv != first.label)
     assert fooled_in_first_draw.any()  # the case the rule decides: attacked again, not skipped
+
+
+def test_an_npz_file_has_no_splits_so_its_fit_set_is_drawn_beside_the_evaluated_examples(tmp_path):
+    from advbench.data.digits import load_digits
+
+    test = load_digits("test")
+    np.savez(tmp_path / "d.npz", x=test.x[:200].numpy(), y=test.y[:200].numpy())
+    cfg = parse_config(_raw(data={"path": str(tmp_path / "d.npz"), "n": 60}, threats=[UNIVERSAL],
+                            attacks=[ATTACKS[1]], fit={"split": "train", "n": 140}))
+    indices = np.arange(60)
+    (job,) = [j for j in plan_jobs(cfg, indices) if not j.probe]
+    assert sorted(job.fit["indices"]) == list(range(60, 200))  # every other example, none evaluated

@@ -22,8 +22,8 @@ from advbench.eval.jobs import PROBE_PREFIX, Job, ModelTags
 from advbench.eval.masking import INDICATOR_EXAMPLES, PROBE_EXAMPLES, probe_eps
 from advbench.eval.worker import Worker
 from advbench.registry import ATTACKS
-from advbench.specs import DefenseSpec, ModelSpec
 from advbench.errors import AdvbenchError, ConfigError, DataError
+from advbench.specs import DefenseSpec, ModelSpec
 from advbench.threat import Knowledge, Scope, ThreatModel
 
 
@@ -160,7 +160,8 @@ class FitSet:
 
 def fit_set(config: BenchmarkConfig, indices: np.ndarray, worker: Worker) -> FitSet:
     """``config.fit``'s examples: ``n`` drawn with the run seed from its split, among the examples
-    not evaluated when that is the evaluated split (a DataError when too few are left)."""
+    not evaluated when that is the evaluated data (the evaluated split, or an ``.npz`` file, which
+    has no splits); a DataError when too few are left."""
     spec = config.fit
     if spec is None:
         raise ConfigError("a universal threat model needs the examples to fit on (fit: {split: train, n: 500})")
@@ -170,10 +171,11 @@ def fit_set(config: BenchmarkConfig, indices: np.ndarray, worker: Worker) -> Fit
     except AdvbenchError as exc:
         raise ConfigError(f"fit: split {spec.split!r}: {exc}") from None
     candidates = np.arange(len(pool))
-    if spec.split == config.data.split:
+    same = config.data.path is not None or spec.split == config.data.split
+    if same:
         candidates = np.setdiff1d(candidates, np.asarray(indices))
     if spec.n > len(candidates):
-        left = " beside the evaluated ones" if spec.split == config.data.split else ""
+        left = " beside the evaluated ones" if same else ""
         raise DataError(f"fit: n is {spec.n} but split {spec.split!r} has {len(candidates)} examples{left}; "
                         f"allowed: 1..{len(candidates)}")
     g = torch.Generator().manual_seed(config.seed + 1)  # not the evaluated examples' draw
