@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS examples (
     min_distance REAL,
     pred_clean_draws TEXT,
     pred_adv_draws TEXT,
+    pred_feed_draws TEXT,
     PRIMARY KEY (config_hash, job_key, idx)
 );
 CREATE TABLE IF NOT EXISTS adversarial (
@@ -103,6 +104,10 @@ MEASURED_COLUMN = "measured_json"
 #: a randomized deployed model is scored over several draws of its randomness: per example, the
 #: clean and the adversarial prediction in each draw, comma-separated (NULL for deterministic models)
 DRAW_COLUMNS = ("pred_clean_draws", "pred_adv_draws")
+
+#: under a physical feed: per example, the prediction on each draw of the transformation of its
+#: clean input, comma-separated (what the feed alone does; NULL for every other threat model)
+FEED_COLUMN = "pred_feed_draws"
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,8 @@ class ResultStore:
         for col in DRAW_COLUMNS:  # added with randomized defenses (scored over several draws)
             if col not in have:
                 self._conn.execute(f"ALTER TABLE examples ADD COLUMN {col} TEXT")
+        if FEED_COLUMN not in have:  # added with physical feeds
+            self._conn.execute(f"ALTER TABLE examples ADD COLUMN {FEED_COLUMN} TEXT")
         jobs = {row[1] for row in self._conn.execute("PRAGMA table_info(jobs)")}
         for col, kind in IDENTITY_COLUMNS.items():  # added with attack identity in the store
             if col not in jobs:
@@ -258,13 +265,14 @@ class ResultStore:
             )
             cur.executemany(
                 "INSERT INTO examples(config_hash, job_key, idx, label, pred_clean, pred_adv, target, attacked, "
-                "valid, success, distance, min_distance, pred_clean_draws, pred_adv_draws) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "valid, success, distance, min_distance, pred_clean_draws, pred_adv_draws, pred_feed_draws) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (
                         config_hash, rec.job_key, e["idx"], e["label"], e["pred_clean"], e["pred_adv"], e.get("target"),
                         int(e["attacked"]), int(e["valid"]), int(e["success"]), e.get("distance"),
                         e.get("min_distance"), e.get("pred_clean_draws"), e.get("pred_adv_draws"),
+                        e.get(FEED_COLUMN),
                     )
                     for e in rec.examples
                 ],

@@ -34,7 +34,8 @@ UNIVERSAL = {"norm": "linf", "eps": 0.3, "scope": "universal"}
 REGION = {"norm": "unbounded", "region": {"size": 3, "location": "random"}}
 PERCEPTUAL = {"norm": "linf", "eps": 0.1, "perceptual": {"ssim": 0.9}}
 PHYSICAL = {"norm": "linf", "eps": 0.1, "physical": {"transform": "noise", "draws": 4}}
-PHYSICAL_MEAN = {"norm": "linf", "eps": 0.1, "physical": {"transform": "noise", "draws": 4, "rule": "mean"}}
+PHYSICAL_MEAN = {"norm": "linf", "eps": 0.1,
+                 "physical": {"transform": {"name": "noise", "std": 0.3}, "draws": 4, "rule": "mean"}}
 ATTACKS = [{"name": "pgd", "steps": 10}, {"name": "uap", "method": "sgd", "epochs": 10, "batch_size": 16},
            {"name": "patch", "steps": 20}, {"name": "eot-pgd", "steps": 10, "samples": 4}]
 
@@ -64,7 +65,7 @@ def test_each_axis_is_its_own_row_routed_to_the_attacks_made_for_it(run):
     t = run.table
     rows = {(r.attack, r.constraints) for r in t.itertuples() if not r.attack.startswith("worst-case")}
     assert rows == {("pgd", ""), ("pgd", "ssim0.9"), ("pgd", "noisex4-all"), ("eot-pgd", "noisex4-all"),
-                    ("pgd", "noisex4-mean"), ("eot-pgd", "noisex4-mean"), ("uap", "universal"),
+                    ("pgd", "noise(std=0.3)x4-mean"), ("eot-pgd", "noise(std=0.3)x4-mean"), ("uap", "universal"),
                     ("patch", "square3@random")}
     # the matrix keeps threats of one norm and eps apart by their axes
     assert {"linf 0.1", "linf 0.1 ssim0.9", "linf 0.1 noisex4-all", "linf 0.3 universal",
@@ -78,7 +79,7 @@ def test_every_row_is_recomputed_from_the_audited_records(run):
     for r in run.table.itertuples():
         if r.attack.startswith("worst-case"):
             continue
-        threat = {"": PLAIN, "ssim0.9": PERCEPTUAL, "noisex4-all": PHYSICAL, "noisex4-mean": PHYSICAL_MEAN,
+        threat = {"": PLAIN, "ssim0.9": PERCEPTUAL, "noisex4-all": PHYSICAL, "noise(std=0.3)x4-mean": PHYSICAL_MEAN,
                   "universal": UNIVERSAL, "square3@random": REGION}[r.constraints]
         mine = ex[(ex.attack == r.attack) & ex.threat_json.map(lambda s: _same(json.loads(s), threat))]
         assert len(mine) == 60
@@ -90,10 +91,19 @@ def test_every_row_is_recomputed_from_the_audited_records(run):
             robust = correct & held.any(axis=1) if threat is PHYSICAL else correct * held.mean(axis=1)
             if threat is PHYSICAL:  # rule all: broken exactly where the audit said so
                 assert (mine.success.astype(bool).to_numpy() == (correct & ~held.any(axis=1))).all()
+            feed = np.array([[int(p) for p in s.split(",")] for s in mine.pred_feed_draws])
+            fine = feed == mine.label.to_numpy()[:, None]  # the clean input through each draw of the feed
+            expect = correct & fine.any(axis=1) if threat is PHYSICAL else correct * fine.mean(axis=1)
+            assert r.feed_accuracy == pytest.approx(expect.mean())
+            assert r.feed_accuracy <= r.clean_accuracy
+            if threat is PHYSICAL_MEAN:  # some draws of the noise alone misclassify a clean digit
+                assert (~fine[correct]).any() and r.feed_accuracy < r.clean_accuracy
         else:
             broken = mine.success.astype(bool) | (mine.valid.astype(bool) & (mine.pred_adv != mine.label))
             robust = correct & ~broken.to_numpy()
         assert r.robust_accuracy == pytest.approx(robust.mean())
+        if "physical" not in threat:
+            assert np.isnan(r.feed_accuracy) and mine.pred_feed_draws.isna().all()
         assert r.audit_violations == 0
         if threat is UNIVERSAL:  # all 60 carry it; the fooling rate counts changed predictions
             assert mine.attacked.all()
@@ -202,7 +212,7 @@ def test_a_physical_feed_breaks_an_example_by_its_rule_over_the_draws():
 def test_leaderboard_entries_and_ids_carry_the_axes(run):
     entries = entries_from_table(run.table, parse_config(_raw()), run.masking)
     ids = {e["threat_id"] for e in entries}
-    assert {"linf-0.1", "linf-0.1-ssim0.9", "linf-0.1-noisex4-all", "linf-0.1-noisex4-mean", "linf-0.3-universal",
+    assert {"linf-0.1", "linf-0.1-ssim0.9", "linf-0.1-noisex4-all", "linf-0.1-noise(std=0.3)x4-mean", "linf-0.3-universal",
             "unbounded-inf-square3@random"} == ids
     assert len({e["ranking"] for e in entries}) == len(entries)
 

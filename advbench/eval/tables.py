@@ -14,6 +14,9 @@ Definitions (n = evaluated examples):
 - attack_success_rate = #(successful attacks) / #(clean correct)  (targeted: target reached)
 - fooling_rate (universal threat models only, else NaN) = #(examples whose prediction the audited
   shared perturbation changes, whatever the label) / n: every held-out example carries it
+- feed_accuracy (physical feeds only, else NaN) = #(clean-correct examples the transformation of
+  the clean input does not break, by the threat's rule over the same draws) / n: what the feed
+  alone leaves, the ceiling of the row's robust accuracy against an attacker who can submit x
 - audit_violations = #(attacked examples rejected by the threat-model audit)
 - median/mean distance: over successful examples, in the threat model's norm. For a
   minimal-perturbation attack (C&W, DeepFool, L-BFGS): over the clean-correct examples where it
@@ -66,7 +69,7 @@ KNOWLEDGE_ORDER = ("white_box", "score_based", "decision_based", "transfer")
 
 COLUMNS = [
     "model", "defense", "attack", "norm", "eps", "targeting", "knowledge", "constraints", "n", "clean_accuracy",
-    "robust_accuracy", "attack_success_rate", "fooling_rate", "target_is_label", "audit_violations", "quantization_failures", "median_distance",
+    "robust_accuracy", "attack_success_rate", "fooling_rate", "feed_accuracy", "target_is_label", "audit_violations", "quantization_failures", "median_distance",
     "mean_distance", "found_rate", "seconds", "n_forward", "n_backward", "n_queries", "flags",
 ]
 
@@ -166,6 +169,7 @@ def _row(ex: pd.DataFrame, jobs: pd.DataFrame, clean: np.ndarray, success: np.nd
         "robust_accuracy": float(robust_score) / n if n else float("nan"),
         "attack_success_rate": float(asr_num) / float(asr_den) if asr_den else float("nan"),
         "fooling_rate": _fooling_rate(ex),
+        "feed_accuracy": _feed_accuracy(ex),
         "target_is_label": int((correct & left_out).sum()),
         "audit_violations": int(jobs.violations.sum()),
         "quantization_failures": int(jobs.quantization_failures.sum()),
@@ -189,6 +193,21 @@ def _fooling_rate(ex: pd.DataFrame) -> float:
         return float("nan")
     changed = ex.valid.to_numpy(dtype=bool) & ex.attacked.to_numpy(dtype=bool) & (ex.pred_adv != ex.pred_clean).to_numpy()
     return float(changed.mean())
+
+
+def _feed_accuracy(ex: pd.DataFrame) -> float:
+    """Under a physical feed, what the feed alone leaves: the share of examples clean-correct and
+    not broken by the transformation of their clean input, by the threat's rule over its draws
+    (the robust accuracy of an attack that changes nothing). NaN for any other threat model."""
+    rule = _physical_rule(ex.threat_json.iloc[0]) if len(ex) and "threat_json" in ex else None
+    if rule is None or "pred_feed_draws" not in ex or not ex.pred_feed_draws.notna().all():
+        return float("nan")
+    wrong = _draws(ex.pred_feed_draws) != ex.label.to_numpy()[:, None]
+    correct = (ex.pred_clean == ex.label).to_numpy()
+    if rule == "mean":
+        return float((correct * (1 - wrong.mean(axis=1))).mean())
+    need = wrong.shape[1] if rule == "all" else wrong.shape[1] // 2 + 1
+    return float((correct & (wrong.sum(axis=1) < need)).mean())
 
 
 def _target_is_label(ex: pd.DataFrame) -> np.ndarray:

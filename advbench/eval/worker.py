@@ -41,7 +41,7 @@ from torch import nn
 from advbench.attacks.autoattack import still_robust
 from advbench.attacks.base import Attack, AttackResult
 from advbench.attacks.trace import PathRecorder, PathSummary
-from advbench.audit import goal_met, predict, region_corners, targetable
+from advbench.audit import goal_met, physical_draws, predict, region_corners, targetable
 from advbench.data.base import ImageData
 from advbench.defenses.base import DefendedModel, adaptive, find_defended
 from advbench.errors import AdvbenchError, ConfigError, ModelOutputError
@@ -51,7 +51,7 @@ from advbench.eval.jobs import Job, ModelTags, stable_hash
 from advbench.eval.masking import NOISE_EXAMPLES
 from advbench.loading import Autocast, apply_defense, load_data, load_model, model_digest
 from advbench.registry import ATTACKS
-from advbench.store import JobRecord
+from advbench.store import FEED_COLUMN, JobRecord
 from advbench.tensors import num_threads
 from advbench.threat import Scope, Targeting, ThreatModel
 
@@ -86,6 +86,8 @@ class Context:
     fit: tuple[torch.Tensor, torch.Tensor] | None = None
     #: a region located fixed or random: each example's square corner (N, 2), the same for every attack
     corners: torch.Tensor | None = None
+    #: a physical feed: (N, draws) the prediction on each draw of the transformed clean input
+    feed: torch.Tensor | None = None
 
 
 @dataclass
@@ -137,6 +139,7 @@ class Worker:
         self._models: dict[str, nn.Module] = {}
         self._views: dict[str, nn.Module] = {}
         self._clean: dict[str, CleanPass] = {}
+        self._clean_feed: dict[str, torch.Tensor] = {}
         self._digests: dict[str, str] = {}
         self._attacks: dict[str, Attack] = {}  # one instance per attack spec (a transfer source loads once)
         # the last minimal-perturbation run, reused by the jobs of its other eps (planned next to it)
@@ -288,7 +291,19 @@ class Worker:
             at = torch.tensor(job.fit["indices"], dtype=torch.long)  # type: ignore[index]
             fit = (pool.x[at].to(self.device), pool.y[at].to(self.device))
         return Context(x, y, deployed, randomized, threat, attack, clean, job_targets(job, threat, clean, y),
-                       fit, job_corners(job, threat, x))
+                       fit, job_corners(job, threat, x), self.feed_pass(job, threat, deployed, x, y))
+
+    def feed_pass(self, job: Job, threat: ThreatModel, deployed: nn.Module, x: torch.Tensor,
+                  y: torch.Tensor) -> torch.Tensor | None:
+        """Under a physical feed, the deployed model's prediction on each draw of the transformed
+        clean inputs (the same seeded draws the audit uses), once per shard and feed."""
+        if threat.physical is None:
+            return None
+        key = stable_hash(["feed", job.model, job.defense, job.base_seed, job.content, stable_hash(job.indices),
+                           threat.physical.to_dict(), threat.bounds])
+        if key not in self._clean_feed:
+            self._clean_feed[key] = physical_draws(deployed, x, x, y, threat, None)[0]
+        return self._clean_feed[key]
 
     def select(self, job: Job, ctx: Context) -> torch.Tensor:
         """The examples the attack gets: clean-correct and, targeted, not already of the target
@@ -530,7 +545,8 @@ def record(job: Job, ctx: Context, todo: torch.Tensor, out: Outcome, seconds: fl
     if clean_draws is None and out.pred_adv_draws is not None:  # a physical feed: the clean input, untransformed
         clean_draws = ctx.clean.pred.repeat(out.pred_adv_draws.shape[0], 1)
     draws = {k: None if v is None else [",".join(str(int(p)) for p in col) for col in v.T.cpu().numpy()]
-             for k, v in (("pred_clean_draws", clean_draws), ("pred_adv_draws", out.pred_adv_draws))}
+             for k, v in (("pred_clean_draws", clean_draws), ("pred_adv_draws", out.pred_adv_draws),
+                          (FEED_COLUMN, None if ctx.feed is None else ctx.feed.T))}
     examples = [
         {
             "idx": pos[i],
