@@ -276,3 +276,11 @@ def test_an_npz_file_has_no_splits_so_its_fit_set_is_drawn_beside_the_evaluated_
     indices = np.arange(60)
     (job,) = [j for j in plan_jobs(cfg, indices) if not j.probe]
     assert sorted(job.fit["indices"]) == list(range(60, 200))  # every other example, none evaluated
+
+
+def test_the_destruction_matrix_takes_universal_cells_too(tmp_path):
+    cfg = parse_config(_raw(threats=[PLAIN, UNIVERSAL], attacks=[{"name": "pgd", "steps": 5}, ATTACKS[1]],
+                            analysis={"destruction": ["noise"]}))
+    res = evaluate(cfg, tmp_path / "run", progress=False)
+    table = pd.read_csv(res.out_dir / "destruction.csv", keep_default_na=False)
+    assert set(table.constraints) == {"", "universal"} and set(table.attack) == {"pgd", "uap"}

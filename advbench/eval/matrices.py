@@ -33,7 +33,7 @@ from advbench.config import BenchmarkConfig
 from advbench.eval.jobs import Job
 from advbench.eval.plan import defense_spec, model_spec
 from advbench.eval.tables import constraints_of
-from advbench.eval.worker import Worker
+from advbench.eval.worker import UNIVERSAL_KEY, Worker
 from advbench.files import atomic_write_text
 from advbench.store import ResultStore
 
@@ -49,6 +49,7 @@ def stored_cells(store: ResultStore, config_hash: str, jobs: list[Job], data: An
             continue
         arrays = store.adversarial(config_hash, job.key)
         if arrays is not None:
+            arrays.pop(UNIVERSAL_KEY, None)  # a universal job's one perturbation: not a row per example
             parts.setdefault(job.cell, []).append(arrays)
     cells = {}
     for cell, chunks in parts.items():
