@@ -252,14 +252,6 @@ def shared(x_adv: torch.Tensor, x: torch.Tensor, y: torch.Tensor, threat: Threat
 
 
 # ---------------------------------------------------------------------- physical feed
-def physical_predictions(model: nn.Module, x: torch.Tensor, x_scored: torch.Tensor, y: torch.Tensor,
-                         threat: ThreatModel, target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's predictions on the physical transformation of each image (the first draw's)
-    and, per example, the share of the draws in which the goal is met (:func:`physical_draws`)."""
-    per_draw, share = physical_draws(model, x, x_scored, y, threat, target)
-    return per_draw[:, 0], share
-
-
 def physical_draws(model: nn.Module, x: torch.Tensor, x_scored: torch.Tensor, y: torch.Tensor,
                    threat: ThreatModel, target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's prediction on each of ``draws`` seeded draws of the physical transformation of

@@ -349,7 +349,7 @@ def validate_names(config: BenchmarkConfig) -> None:
         routed = attack_threats(config, spec)
         if not routed:
             raise ConfigError(f"attack {spec.name!r} runs under none of the config's threat models: "
-                              f"{_unrouted(attack, config.threat_models())}")
+                              f"{_unrouted(attack)}")
         for tm in routed:
             reason = attack.supports(tm)
             if reason:
@@ -372,8 +372,8 @@ def _check_coverage(config: BenchmarkConfig) -> None:
                               f"held out from the evaluated ones (fit: {{split: train, n: 500}})")
 
 
-def _unrouted(attack: Any, threats: list[ThreatModel]) -> str:
-    """Why an attack is made for none of ``threats`` (by its scopes, regions and needs)."""
+def _unrouted(attack: Any) -> str:
+    """Why an attack met none of a config's threats (by its scopes, regions and needs)."""
     scopes = ", ".join(sorted(s.value for s in attack.scopes))
     return (f"it is made for {attack.made_for_text}" if attack.made_for_text else
             f"it produces {scopes} perturbations{' and keeps no region' if not attack.regions else ''}")

@@ -4,6 +4,7 @@ records, and universal perturbations are fit on held-out examples in one unshard
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
@@ -114,7 +115,7 @@ def test_every_row_is_recomputed_from_the_audited_records(run):
 
 
 def _same(stored: dict, spec: dict) -> bool:
-    tm = ThreatModel.from_dict({k: v for k, v in stored.items()})
+    tm = ThreatModel.from_dict(stored)
     want = parse_config(_raw(threats=[spec], attacks=[
         "uap" if "scope" in spec else "patch" if "region" in spec else "pgd"])).threat_models()[0]
     return tm == want
@@ -172,7 +173,7 @@ def test_random_regions_are_drawn_per_example_and_shared_by_every_attack(run):
     x = load_digits("test").x
     idx = adv["patch"]["idx"]
     job = plan_jobs(cfg, idx)[0]
-    corners = job_corners(dataclass_replace(job, indices=tuple(int(i) for i in idx)),
+    corners = job_corners(dataclasses.replace(job, indices=tuple(int(i) for i in idx)),
                           ThreatModel.from_dict(job.threat), x[idx])
     for label, a in adv.items():
         changed = (torch.from_numpy(a["x_adv"]) != x[a["idx"]]).any(dim=1)
@@ -186,12 +187,6 @@ def test_random_regions_are_drawn_per_example_and_shared_by_every_attack(run):
         at = np.searchsorted(idx, shard.indices)
         mine = job_corners(shard, ThreatModel.from_dict(shard.threat), x[list(shard.indices)])
         assert torch.equal(mine, corners[at])
-
-
-def dataclass_replace(job, **kw):
-    import dataclasses
-
-    return dataclasses.replace(job, **kw)
 
 
 def test_a_physical_feed_breaks_an_example_by_its_rule_over_the_draws():

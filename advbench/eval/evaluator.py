@@ -289,6 +289,7 @@ def preflight(config: BenchmarkConfig, data: Any, indices: np.ndarray, worker: W
             notes += [note] if note not in notes else []
     probe = x[:1].to(worker.device)
     fixed = [t.target_class for t in config.threat_models() if t.target_class is not None]
+    physical = next((t for t in config.threat_models() if t.physical is not None), None)
     for m in config.models:
         for d in config.defenses:
             deployed = worker.model(model_spec(m), defense_spec(d), config.seed)
@@ -304,7 +305,6 @@ def preflight(config: BenchmarkConfig, data: Any, indices: np.ndarray, worker: W
             if k > data.num_classes and note not in notes:
                 notes.append(note)
             defended = find_defended(deployed)
-            physical = next((t for t in config.threat_models() if t.physical is not None), None)
             if physical is not None and defended is not None and defended.randomized:
                 raise ConfigError(f"threat {physical.describe()} has a physical feed and model {m.name!r} behind "
                                   f"defense {d.name!r} is randomized: the two randomnesses are not scored together "

@@ -92,7 +92,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from advbench.eval.jobs import PROBE_PREFIX
-from advbench.eval.tables import is_worst_case, worst_case_rows
+from advbench.eval.tables import is_worst_case, with_constraints, worst_case_rows
 from advbench.tensors import frozen
 
 TOL_EXAMPLES = 3  # "a few examples" of slack in every comparison of robust accuracies
@@ -250,13 +250,6 @@ def _lookup(info: dict[str, AttackInfo] | None):
 
 
 # ---------------------------------------------------------------------- table checks
-def with_constraints(table: pd.DataFrame) -> pd.DataFrame:
-    """``table`` with its ``constraints`` column as strings ('' where unset, or for a table built
-    without it): the checks compare rows within one threat, axes beyond the ball included."""
-    values = table["constraints"].fillna("").astype(str) if "constraints" in table else ""
-    return table.assign(constraints=values)
-
-
 def check_eps_trend(table: pd.DataFrame) -> list[Finding]:
     """``eps_flat``: robust accuracy rises with eps, or stays flat over a sweep that doubles eps."""
     table = with_constraints(table)

@@ -60,9 +60,6 @@ import pandas as pd
 
 from advbench.threat import Scope, ThreatModel
 
-#: the threat fields beyond the Lp ball (present in a threat's JSON only where set)
-AXES = ("scope", "shared_by", "region", "perceptual", "physical")
-
 WORST_CASE = "worst-case"
 ANY_KNOWLEDGE = "any"  # the knowledge column of a worst case over attackers of several knowledge levels
 KNOWLEDGE_ORDER = ("white_box", "score_based", "decision_based", "transfer")
@@ -86,9 +83,21 @@ def _threat_columns(threat_json: str) -> dict[str, object]:
 def constraints_of(threat: dict[str, object]) -> str:
     """A threat's axes beyond the Lp ball as its ``constraints`` column (``universal``,
     ``square8@random``, ``ssim0.95``, ``photox8-all``, joined by ``-``; empty when none)."""
-    if not any(k in threat for k in AXES):
-        return ""
     return ThreatModel.from_dict(threat).constraint_label()
+
+
+def with_constraints(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with its ``constraints`` column as strings: '' where unset, or for a table read
+    from a results.csv (or records) written before the column existed, so rows group and match
+    on it whatever their source."""
+    values = table["constraints"].fillna("").astype(str) if "constraints" in table else ""
+    return table.assign(constraints=values)
+
+
+def _by_rule(hits: np.ndarray, rule: str) -> np.ndarray:
+    """(n, draws) bool -> (n,): hit in all draws (``all``) or in a strict majority (``majority``)."""
+    need = hits.shape[1] if rule == "all" else hits.shape[1] // 2 + 1
+    return hits.sum(axis=1) >= need
 
 
 def _physical_rule(threat_json: str) -> str | None:
@@ -130,9 +139,7 @@ def _outcomes(ex: pd.DataFrame, rule: str | None = None) -> tuple[np.ndarray, np
         success = ex.attacked.to_numpy(dtype=bool)[:, None] & valid & goal
         broken = success | (valid & (pa != label))
         if rule in ("all", "majority"):
-            need = pa.shape[1] if rule == "all" else pa.shape[1] // 2 + 1
-            return ((pc == label)[:, :1], (success.sum(axis=1) >= need)[:, None],
-                    (broken.sum(axis=1) >= need)[:, None])
+            return (pc == label)[:, :1], _by_rule(success, rule)[:, None], _by_rule(broken, rule)[:, None]
         return pc == label, success, broken
     success = ex.success.to_numpy(dtype=bool)[:, None]
     broken = success if rule else success | (valid & (ex.pred_adv != ex.label).to_numpy()[:, None])
@@ -206,8 +213,7 @@ def _feed_accuracy(ex: pd.DataFrame) -> float:
     correct = (ex.pred_clean == ex.label).to_numpy()
     if rule == "mean":
         return float((correct * (1 - wrong.mean(axis=1))).mean())
-    need = wrong.shape[1] if rule == "all" else wrong.shape[1] // 2 + 1
-    return float((correct & (wrong.sum(axis=1) < need)).mean())
+    return float((correct & ~_by_rule(wrong, rule)).mean())
 
 
 def _target_is_label(ex: pd.DataFrame) -> np.ndarray:
@@ -410,7 +416,7 @@ def robust_accuracy_matrix(table: pd.DataFrame, attack_order: list[str] | None =
                 + ("" if k == "white_box" else f" {k}")  # threats that differ only in knowledge stay apart
                 + (f" {c}" if c else "")  # ... or in the axes beyond the Lp ball
                 for n, e, g, k, c in zip(table.norm, table.eps, table.targeting, table.knowledge,
-                                         _constraints(table))],
+                                         with_constraints(table).constraints)],
         acc=(table.robust_accuracy * 100).round(1),
     )
     clean = t.groupby(["model", "defense"], sort=False).clean_accuracy.first().mul(100).round(1)
@@ -430,14 +436,6 @@ def robust_accuracy_matrix(table: pd.DataFrame, attack_order: list[str] | None =
         m["flags"] = [";".join(sorted(codes.get(r, {}), key=lambda c: rank.get(c, len(rank)))) for r in m.index]
     m.columns.name = "robust accuracy %"
     return m
-
-
-def _constraints(table: pd.DataFrame) -> pd.Series:
-    """A table's ``constraints`` column (empty strings where unset, or for a table read from an
-    older results.csv without it)."""
-    if "constraints" not in table:
-        return pd.Series([""] * len(table), index=table.index)
-    return table["constraints"].fillna("").astype(str)
 
 
 def format_matrix(matrix: pd.DataFrame) -> str:

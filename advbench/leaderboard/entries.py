@@ -51,7 +51,7 @@ import pandas as pd
 
 from advbench.analysis.stats import binomial_interval
 from advbench.errors import ConfigError
-from advbench.eval.tables import WORST_CASE, is_worst_case, worst_case_examples
+from advbench.eval.tables import WORST_CASE, is_worst_case, with_constraints, worst_case_examples
 from advbench.files import atomic_write_text
 from advbench.params import check_number, check_whole
 from advbench.provenance import timestamp
@@ -173,7 +173,7 @@ def entries_from_table(table: Any, config: Any, masking: dict[str, Any] | None =
     per_example = _per_example(examples, getattr(config, "randomized_scoring", "mean"))
     keys = ["model", "defense", "norm", "eps", "targeting", "constraints"]
     out = []
-    table = table.assign(constraints=table["constraints"].fillna("") if "constraints" in table else "")
+    table = with_constraints(table)
     for key, group in table.groupby(keys, sort=False):
         model, defense, norm, eps, targeting, constraints = key
         rows = {str(r.attack): r for r in group.itertuples(index=False)}

@@ -10,6 +10,7 @@ import pandas as pd
 
 from advbench.analysis.stats import binomial_interval
 from advbench.eval.masking import FLAGS, Finding
+from advbench.eval.tables import with_constraints
 
 
 def _cell(value: Any, float_format: Callable[[float], str]) -> str:
@@ -79,7 +80,7 @@ def _missing(missing: pd.DataFrame) -> str:
 def intervals_frame(results: pd.DataFrame) -> pd.DataFrame:
     """Per results row: clean and robust accuracy (%) with their exact binomial 95% intervals."""
     rows = []
-    axes = results["constraints"].fillna("").astype(str) if "constraints" in results else pd.Series([""] * len(results))
+    axes = with_constraints(results).constraints
     for r, constraints in zip(results.itertuples(index=False), axes):
         n = int(r.n)
         clean, robust = binomial_interval(r.clean_accuracy * n, n), binomial_interval(r.robust_accuracy * n, n)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from advbench.eval.tables import with_constraints
 from advbench.files import atomic_write_text
 from advbench.report.markdown import table as pipe_table
 
@@ -15,17 +16,11 @@ def _markdown(table: pd.DataFrame) -> str:
     return pipe_table(table, index=True, float_format=lambda v: f"{v:.3g}")
 
 
-def _with_constraints(table: pd.DataFrame) -> pd.DataFrame:
-    """``table`` with its ``constraints`` column as strings (empty where unset, or for records
-    written before the column existed): rows of one norm and eps under other axes stay apart."""
-    return table.assign(constraints=table["constraints"].fillna("").astype(str) if "constraints" in table else "")
-
-
 def transfer_markdown(table: pd.DataFrame) -> str:
     """Per defense, threat and attack: sources x targets error rates, with each source's distortion."""
     text = ["# Transfer matrices (error rate of each target on each source's examples)\n"]
     if not table.empty:
-        table = _with_constraints(table)
+        table = with_constraints(table)  # rows of one norm and eps under other axes stay apart
         for key, group in table.groupby(["defense", "norm", "eps", "targeting", "knowledge", "constraints", "attack"],
                                         sort=False):
             pivot = group.pivot(index="source", columns="target", values="error_rate")
@@ -39,7 +34,7 @@ def destruction_markdown(table: pd.DataFrame) -> str:
     """Rows model / defense / norm / attack / eps, columns case / top-k / transformation."""
     text = ["# Destruction rates (Kurakin et al.): rows model / defense / attack / eps\n"]
     if not table.empty:
-        table = _with_constraints(table)
+        table = with_constraints(table)
         axes = ["constraints"] if table.constraints.astype(bool).any() else []  # a column only where one is set
         pivot = table.pivot_table(index=["model", "defense", "norm", *axes, "attack", "eps"],
                                   columns=["case", "topk", "transformation"], values="rate", sort=False)

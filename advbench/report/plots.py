@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from advbench.eval.tables import WORST_CASE
+from advbench.eval.tables import WORST_CASE, with_constraints
 from advbench.files import atomic_write
 
 
@@ -63,7 +63,7 @@ def curves(table: pd.DataFrame, folder: Path) -> list[Path]:
     against eps, the worst case bold and black, the clean accuracy dashed."""
     written = []
     bounded = table[np.isfinite(table.eps.to_numpy(dtype=float))]
-    bounded = bounded.assign(constraints=bounded["constraints"].fillna("") if "constraints" in bounded else "")
+    bounded = with_constraints(bounded)
     for norm, sub in bounded.groupby("norm", sort=False):
         if sub.eps.nunique() < 2:  # one budget: a curve of single dots says nothing, so none is drawn
             continue

@@ -13,7 +13,7 @@ import pandas as pd
 from advbench.config import attack_threats
 from advbench.eval.evaluator import build_tables
 from advbench.eval.masking import MODEL_CODES, Finding
-from advbench.eval.tables import _threat_columns, worst_case_rows
+from advbench.eval.tables import _threat_columns, with_constraints, worst_case_rows
 from advbench.report.load import Run
 from advbench.store import ResultStore
 
@@ -47,9 +47,7 @@ def _expected_cells(run: Run, results: pd.DataFrame) -> pd.DataFrame:
     if csv.is_file():
         earlier = pd.read_csv(csv)
         earlier = earlier[~worst_case_rows(earlier)]
-        if "constraints" not in earlier:  # a results.csv written before the column existed
-            earlier = earlier.assign(constraints="")
-        earlier = earlier.assign(constraints=earlier.constraints.fillna("").astype(str))
+        earlier = with_constraints(earlier)
         if set(CELL) <= set(earlier.columns):
             expected = pd.concat([expected, earlier[CELL]], ignore_index=True)
     expected = expected.drop_duplicates(CELL, ignore_index=True)
